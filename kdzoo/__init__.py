@@ -1,0 +1,12 @@
+"""kdzoo — a pluggable knowledge-distillation method zoo for PyTorch and timm."""
+
+__version__ = "0.1.0"
+
+from .errors import UserError  # noqa: E402
+from .method import Method, NetOutputs, StepOutputs, Taps, cross_entropy, kl_div  # noqa: E402
+from .registry import get_method, load_plugin, method_names, register_method  # noqa: E402
+
+__all__ = [
+    "Method", "NetOutputs", "StepOutputs", "Taps", "UserError", "cross_entropy", "kl_div",
+    "get_method", "load_plugin", "method_names", "register_method", "__version__",
+]

@@ -1,0 +1,238 @@
+"""The ``kdzoo`` command line.
+
+Exit codes: 0 success; 2 bad input (one line on stderr naming the problem and the fix, no
+traceback); 1 an unexpected failure (a bug: the traceback is printed); 130/143 stopped by
+SIGINT/SIGTERM after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .config import RunConfig
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as a one-line exit-2 error like the rest of kdzoo."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _bool_flag(parser, name: str, help: str, default=None):
+    parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kdzoo", description="A pluggable knowledge-distillation method zoo for PyTorch and timm.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="train one run (a method on a student, optionally with a teacher)")
+    run.add_argument("--method", default=None, help="distillation method (see `kdzoo list methods`); default baseline")
+    run.add_argument("--model", default=None, help="student: any timm model name (default resnet18)")
+    run.add_argument("--teacher", default=None, help="teacher: any timm model name")
+    run.add_argument("--dataset", default=None, help="shapes (default, embedded), cifar10, cifar100, imagefolder")
+    run.add_argument("--data-root", default=None, help="folder holding the dataset")
+    _bool_flag(run, "download", "download the dataset into --data-root (needs internet)")
+    run.add_argument("--input-size", type=int, default=None, help="image size (shapes: generated at this size)")
+    run.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
+    run.add_argument("--test-size", type=int, default=None, help="use only the first N test images")
+    run.add_argument("--epochs", type=int, default=None)
+    run.add_argument("--batch-size", type=int, default=None)
+    run.add_argument("--lr", type=float, default=None)
+    run.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    run.add_argument("--momentum", type=float, default=None)
+    _bool_flag(run, "nesterov", "Nesterov momentum for SGD")
+    run.add_argument("--weight-decay", type=float, default=None)
+    run.add_argument("--schedule", choices=["cosine", "step"], default=None)
+    run.add_argument("--milestones", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
+                     help="epochs where a step schedule multiplies the lr by --gamma, e.g. 150,180,210")
+    run.add_argument("--gamma", type=float, default=None)
+    run.add_argument("--warmup-epochs", type=float, default=None)
+    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    _bool_flag(run, "amp", "bf16 autocast on CUDA (default on)")
+    _bool_flag(run, "channels-last", "channels_last memory format (default on)")
+    _bool_flag(run, "small-input-stem", "3x3 stride-1 stem without max-pool for ResNets (default: on for inputs <= 64 px)")
+    _bool_flag(run, "pretrained", "initialise the student from timm's pretrained weights (needs internet once)")
+    run.add_argument("--teacher-checkpoint", default=None, help="teacher weights: a kdzoo checkpoint or a state_dict")
+    _bool_flag(run, "teacher-pretrained", "start the teacher from timm's pretrained weights (needs internet once)")
+    run.add_argument("--teacher-epochs", type=int, default=None, help="epochs for a teacher kdzoo trains and caches")
+    run.add_argument("--workers", type=int, default=None, help="data loading workers (image folders)")
+    run.add_argument("--output", default=None, help="folder for run folders (default runs/)")
+    run.add_argument("--run-name", default=None, help="name of the run folder (default: derived from the settings)")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a method hyperparameter (repeatable); see `kdzoo list methods`")
+    run.add_argument("--config", default=None, help="TOML file with run settings and a [method] table")
+    run.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
+    run.add_argument("--resume", action="store_true", help="continue the run with these settings from its last.pt")
+
+    lst = sub.add_parser("list", help="list methods, models or datasets")
+    lst.add_argument("what", nargs="?", choices=["methods", "models", "datasets"], default="methods")
+    lst.add_argument("pattern", nargs="?", default=None, help="filter models with a pattern such as 'resnet*'")
+    lst.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE")
+
+    hooks = sub.add_parser("hooks", help="print every tap of a model with its output shape")
+    hooks.add_argument("--model", required=True)
+    hooks.add_argument("--input-size", type=int, default=224)
+    hooks.add_argument("--num-classes", type=int, default=10)
+    _bool_flag(hooks, "small-input-stem", "force the small-input stem on or off (default: on for <= 64 px)")
+    hooks.add_argument("--all", action="store_true", help="also list every module path")
+    return parser
+
+
+def config_from_args(args) -> tuple[RunConfig, bool]:
+    """RunConfig defaults, then the --config TOML file, then command-line flags, then --set."""
+    from .settings import apply_overrides, load_toml, parse_assignments
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    values: dict = {}
+    method_settings: dict = {}
+    if args.config:
+        data = load_toml(args.config)
+        method_settings.update(data.pop("method", {}) if isinstance(data.get("method"), dict) else {})
+        values.update({k.replace("-", "_"): v for k, v in data.items()})
+    for key, value in vars(args).items():
+        if key in fields and value is not None:
+            values[key] = value
+    method_settings.update(parse_assignments(args.sets))
+    values.pop("method_settings", None)
+    cfg = apply_overrides(RunConfig(), values, "run config")
+    return dataclasses.replace(cfg, method_settings=method_settings), bool(args.resume)
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from .engine import StopFlag, run, stop_on_signals
+    from .registry import load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    cfg, resume = config_from_args(args)
+    console = Console(stderr=True)
+    with stop_on_signals(StopFlag()) as flag:
+        result = run(cfg, resume=resume, console=console, stop=flag)
+    out = Console()
+    out.print(
+        f"[bold green]done[/] {result['run_id']}: top-1 {result['top1']:.2f}% (best {result['best_top1']:.2f}%), "
+        f"top-5 {result['top5']:.2f}%, {result['train_img_per_s']:.0f} img/s"
+    )
+    out.print(f"run folder: {cfg.output}/{result['run_id']}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .registry import aliases_of, get_method, load_plugin, method_names
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    console = Console()
+    if args.what == "methods":
+        from .settings import describe
+
+        table = Table(title="kdzoo methods")
+        for column in ("method", "teacher", "tasks", "student taps", "teacher taps", "hyperparameters (defaults)", "summary"):
+            table.add_column(column, overflow="fold")
+        for name in method_names():
+            cls = get_method(name)
+            taps = cls.taps
+            label = name + (f" ({', '.join(aliases_of(name))})" if aliases_of(name) else "")
+            settings = ", ".join(f"{k}={v}" for k, _, v in describe(cls.Config))
+            table.add_row(label, "needs" if cls.needs_teacher else "none", ",".join(cls.tasks),
+                          ", ".join(["logits", *taps.student]), ", ".join(["logits", *taps.teacher]) if cls.needs_teacher else "-",
+                          settings or "-", cls.summary)
+        console.print(table)
+    elif args.what == "datasets":
+        from .data import dataset_names, get_dataset
+
+        table = Table(title="kdzoo datasets")
+        for column in ("dataset", "classes", "size", "default recipe", "description"):
+            table.add_column(column, overflow="fold")
+        for name in dataset_names():
+            spec = get_dataset(name)
+            r = spec.recipe
+            recipe = f"{r.epochs} ep, batch {r.batch_size}, lr {r.lr}, wd {r.weight_decay}, {r.schedule}"
+            table.add_row(name, str(spec.num_classes or "from folders"), str(spec.input_size), recipe, spec.description)
+        console.print(table)
+    else:
+        import timm
+
+        names = timm.list_models(args.pattern or "*")
+        console.print("\n".join(names))
+        console.print(f"[dim]{len(names)} timm models; pass a pattern to filter, e.g. `kdzoo list models 'resnet*'`[/]")
+    return 0
+
+
+def cmd_hooks(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .hooks import describe_all_modules, resolve_taps
+    from .models import create_model, model_info
+
+    model = create_model(args.model, args.num_classes, args.input_size, args.small_input_stem)
+    info = model_info(model, args.model, args.num_classes, args.input_size)
+    points = {p.name: p for p in resolve_taps(model, ["stages", "embedding"])}
+    table = Table(title=f"taps of {args.model} at {args.input_size}×{args.input_size}")
+    for column in ("tap", "module", "output shape (C×H×W)"):
+        table.add_column(column)
+    for name in [*info.stage_names, "embedding"]:
+        point = points.get(name)
+        table.add_row(name, point.module + (" (input)" if point.kind == "input" else ""), "×".join(map(str, info.shapes[name])))
+    table.add_row("logits", "(model output)", "×".join(map(str, info.shapes["logits"])))
+    console = Console()
+    console.print(table)
+    if args.all:
+        all_table = Table(title="every module (tap any of these by its path)")
+        for column in ("module path", "type", "output shape"):
+            all_table.add_column(column)
+        for path, kind, shape in describe_all_modules(model, args.input_size):
+            all_table.add_row(path, kind, shape)
+        console.print(all_table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.version:
+            from . import __version__
+
+            print(f"kdzoo {__version__}")
+            return 0
+        if args.command is None:
+            parser.print_help()
+            return 0
+        handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks}[args.command]
+        return handler(args)
+    except UserError as e:
+        print(f"kdzoo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdzoo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .engine import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"kdzoo: {e}", file=sys.stderr)
+            return 143 if "SIGTERM" in str(e) else 130
+        raise
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

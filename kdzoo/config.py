@@ -1,0 +1,89 @@
+"""The run configuration: one typed record of everything that defines a training run.
+
+Fields left as ``None`` take the dataset's recipe defaults when the run is resolved, so the
+``config.json`` written into every run folder is complete and re-runnable on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .data import get_dataset
+
+
+@dataclass
+class RunConfig:
+    method: str = "baseline"
+    model: str = "resnet18"
+    teacher: str | None = None
+    dataset: str = "shapes"
+    task: Literal["cls"] = "cls"
+    data_root: str | None = None
+    download: bool = False
+    input_size: int | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool | None = None
+    weight_decay: float | None = None
+    schedule: Literal["cosine", "step"] | None = None
+    milestones: list[int] | None = None
+    gamma: float = 0.1
+    warmup_epochs: float | None = None
+    max_steps: int | None = None
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    small_input_stem: bool | None = None
+    pretrained: bool = False
+    teacher_checkpoint: str | None = None
+    teacher_pretrained: bool = False
+    teacher_epochs: int | None = None
+    workers: int = 2
+    output: str = "runs"
+    run_name: str | None = None
+    method_settings: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> RunConfig:
+        """A copy with every recipe default filled in from the dataset."""
+        spec = get_dataset(self.dataset)
+        recipe = spec.recipe
+        values = dataclasses.asdict(self)
+        for key in ("epochs", "batch_size", "lr", "weight_decay", "schedule", "warmup_epochs", "nesterov"):
+            if values[key] is None:
+                values[key] = getattr(recipe, key)
+        if values["milestones"] is None:
+            values["milestones"] = list(recipe.milestones)
+        if values["teacher_epochs"] is None:
+            values["teacher_epochs"] = recipe.teacher_epochs or values["epochs"]
+        return RunConfig(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # settings that do not change the result (where it runs, how it is named, how fast)
+    _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download")
+
+    def recipe_hash(self) -> str:
+        """A short hash of every setting that changes the result (not where it runs)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in self._NON_RESULT}
+        blob = json.dumps(values, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def run_id(self) -> str:
+        if self.run_name:
+            return self.run_name
+        pair = f"{self.teacher}-{self.model}" if self.teacher else self.model
+        return f"{self.dataset}_{self.method}_{pair}_s{self.seed}_{self.recipe_hash()}"
+
+
+RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_settings"]

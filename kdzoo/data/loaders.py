@@ -1,0 +1,122 @@
+"""Batches and the standard training augmentation, as tensor code that runs on any device.
+
+In-memory datasets (``shapes``, CIFAR) live as one uint8 tensor on the training device and
+are sliced into batches there: no DataLoader workers, no host-to-device copy per step.
+Augmentation (random crop with padding, horizontal flip) is batched tensor code applied after
+the batch reaches the device, which is also what lets a method such as CCD build extra views
+from the raw images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+class InMemoryLoader:
+    """Shuffled mini-batches of a tensor dataset; the order is a function of (seed, epoch)."""
+
+    def __init__(self, images: Tensor, targets: Tensor, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+        self.images, self.targets = images, targets
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def to(self, device) -> InMemoryLoader:
+        self.images, self.targets = self.images.to(device), self.targets.to(device)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.targets)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.targets)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g).to(self.images.device)
+        else:
+            order = torch.arange(n, device=self.images.device)
+        for i in range(skip, len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.images[idx], self.targets[idx]
+
+    def __iter__(self):
+        return self.batches()
+
+
+class TorchLoader:
+    """A DataLoader for datasets too large for memory (image folders)."""
+
+    def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 2, drop_last: bool = False):
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.workers, self.drop_last, self.epoch = workers, drop_last, 0
+        self.device = torch.device("cpu")
+
+    def to(self, device) -> TorchLoader:
+        self.device = torch.device(device)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batches(self, skip: int = 0):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        sampler = torch.randperm(len(self.dataset), generator=g).tolist() if self.shuffle else range(len(self.dataset))
+        sampler = list(sampler)[skip * self.batch_size:]
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers,
+            drop_last=self.drop_last, pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        for images, targets in loader:
+            yield images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return self.batches()
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 pixels → float in [0, 1]; float input passes through."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+def random_crop(images: Tensor, padding: int) -> Tensor:
+    """Per-sample random crop of the zero-padded batch back to its size (CIFAR's translate)."""
+    if padding <= 0:
+        return images
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (b,), device=images.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), device=images.device)
+    rows = (oy[:, None] + torch.arange(h, device=images.device)[None])  # (B, H)
+    cols = (ox[:, None] + torch.arange(w, device=images.device)[None])  # (B, W)
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    chans = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_flip(images: Tensor) -> Tensor:
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+class CropFlip:
+    """The standard CIFAR-style training augmentation on a float batch."""
+
+    def __init__(self, padding: int = 4, flip: bool = True):
+        self.padding, self.flip = padding, flip
+
+    def __call__(self, images: Tensor) -> Tensor:
+        images = random_crop(images, self.padding)
+        return random_flip(images) if self.flip else images
+
+    def __repr__(self) -> str:
+        return f"CropFlip(padding={self.padding}, flip={self.flip})"

@@ -1,0 +1,222 @@
+"""Forward hooks that read features out of any timm model without editing its code.
+
+A *tap* is a named point in a network: ``stages`` / ``stage1``…``stageN`` (from timm's
+``feature_info``), ``embedding`` (the pooled features entering the classifier) or any module
+path. :class:`FeatureTaps` registers one hook per tap when the context opens and removes them
+all when it closes, also on error, so a model never keeps stray hooks. Captured tensors live
+in one dict that :meth:`FeatureTaps.pop` hands over and empties: nothing outlives the step
+that produced it, so memory cannot grow over a long run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError, close_matches
+
+_STAGE = re.compile(r"^stage(\d+)$")
+
+
+@dataclass(frozen=True)
+class TapPoint:
+    name: str      # the tap as a method names it: stage2, embedding, layer3.1.conv2
+    module: str    # the module path the hook sits on
+    kind: str      # "output" (forward hook) or "input" (forward pre-hook)
+    as_map: bool   # stage taps are normalised to (B, C, H, W) maps
+
+
+def stage_entries(model: nn.Module) -> list[dict]:
+    """timm's ``feature_info`` without the stride-2 stem entry.
+
+    timm lists the stem activation of ResNets (and the first stride-2 block of
+    EfficientNets) as feature 0; methods that distil "stages" mean the network's stages
+    after the stem, so kdzoo's ``stage1`` of a ResNet is ``layer1``.
+    """
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise UserError(
+            f"model {type(model).__name__} has no timm feature_info, so it has no stage taps; "
+            "tap module paths instead (see `kdzoo hooks --model NAME --all`)"
+        )
+    entries = [dict(e) for e in info]
+    reductions = [e.get("reduction", 1) for e in entries]
+    if len(entries) > 1 and reductions[0] <= 2 and max(reductions) > reductions[0]:
+        entries = entries[1:]
+    return entries
+
+
+def _classifier_path(model: nn.Module) -> str:
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
+        for path, module in model.named_modules():
+            if module is classifier:
+                return path
+    raise UserError(f"model {type(model).__name__} has no classifier module, so it has no 'embedding' tap")
+
+
+def resolve_taps(model: nn.Module, names: tuple[str, ...] | list[str]) -> list[TapPoint]:
+    """Turn tap names into concrete hook points; unknown names raise a UserError."""
+    points: dict[str, TapPoint] = {}
+    modules = None
+    for name in names:
+        if name == "logits":
+            continue  # always returned by the forward itself
+        if name == "stages":
+            for i, entry in enumerate(stage_entries(model), start=1):
+                points[f"stage{i}"] = TapPoint(f"stage{i}", entry["module"], "output", True)
+            continue
+        match = _STAGE.match(name)
+        if match:
+            entries = stage_entries(model)
+            index = int(match.group(1))
+            if not 1 <= index <= len(entries):
+                raise UserError(
+                    f"tap {name!r} does not exist on {type(model).__name__}: it has stage1..stage{len(entries)}"
+                )
+            points[name] = TapPoint(name, entries[index - 1]["module"], "output", True)
+            continue
+        if name == "embedding":
+            points[name] = TapPoint(name, _classifier_path(model), "input", False)
+            continue
+        if modules is None:
+            modules = dict(model.named_modules())
+        if name in modules and name:
+            points[name] = TapPoint(name, name, "output", False)
+            continue
+        known = ["stages", "embedding", "logits", *[k for k in modules if k]]
+        raise UserError(
+            f"tap {name!r} is not a module of {type(model).__name__}.{close_matches(name, known)} "
+            "List the taps with `kdzoo hooks --model NAME`"
+        )
+    return list(points.values())
+
+
+def as_feature_map(x: Tensor, model: nn.Module) -> Tensor:
+    """Bring a stage output to (B, C, H, W): ViT tokens become a grid, NHWC is permuted."""
+    if isinstance(x, (tuple, list)):
+        x = x[0]
+    if x.dim() == 3:  # (B, N, C) tokens
+        prefix = getattr(model, "num_prefix_tokens", 0) or 0
+        tokens = x[:, prefix:, :]
+        n = tokens.shape[1]
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        h, w = grid if grid and grid[0] * grid[1] == n else (int(math.isqrt(n)), n // max(1, int(math.isqrt(n))))
+        if h * w != n:
+            raise UserError(f"cannot arrange {n} tokens into a grid for a feature map")
+        return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+    if x.dim() == 4 and getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return x.permute(0, 3, 1, 2)
+    return x
+
+
+class FeatureTaps:
+    """Context manager that captures the outputs of named taps during forward passes.
+
+    >>> with FeatureTaps(model, ["stages", "embedding"]) as taps:
+    ...     logits = model(images)
+    ...     features = taps.pop()   # {"stage1": ..., "stage4": ..., "embedding": ...}
+    """
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...] | list[str]):
+        self.model = model
+        self.points = resolve_taps(model, names)
+        self._store: dict[str, Tensor] = {}
+        self._handles: list = []
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.points]
+
+    def __enter__(self) -> FeatureTaps:
+        modules = dict(self.model.named_modules())
+        try:
+            for point in self.points:
+                module = modules[point.module]
+                if point.kind == "input":
+                    self._handles.append(module.register_forward_pre_hook(self._input_hook(point)))
+                else:
+                    self._handles.append(module.register_forward_hook(self._output_hook(point)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._store.clear()
+
+    def _output_hook(self, point: TapPoint):
+        store, model = self._store, self.model
+
+        def hook(module, args, output):
+            store[point.name] = as_feature_map(output, model) if point.as_map else output
+
+        return hook
+
+    def _input_hook(self, point: TapPoint):
+        store = self._store
+
+        def hook(module, args):
+            store[point.name] = args[0]
+
+        return hook
+
+    def pop(self) -> dict[str, Tensor]:
+        """The features captured since the last pop; the store is emptied."""
+        captured = dict(self._store)
+        self._store.clear()
+        return captured
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+def probe_shapes(model: nn.Module, names, input_size: int, in_chans: int = 3) -> dict[str, tuple[int, ...]]:
+    """Shape (without batch) of every tap and of the logits, from one dummy forward pass."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with FeatureTaps(model, names) as taps, torch.no_grad():
+            logits = model(torch.zeros(2, in_chans, input_size, input_size, device=device))
+            shapes = {k: tuple(v.shape[1:]) for k, v in taps.pop().items()}
+    finally:
+        model.train(was_training)
+    shapes["logits"] = tuple(logits.shape[1:])
+    return shapes
+
+
+def describe_all_modules(model: nn.Module, input_size: int) -> list[tuple[str, str, str]]:
+    """(path, class, output shape) of every module, for `kdzoo hooks --all`."""
+    shapes: dict[str, str] = {}
+    handles = []
+
+    def make(path):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            shapes[path] = "×".join(map(str, out.shape[1:])) if isinstance(out, Tensor) else type(out).__name__
+        return hook
+
+    modules = [(p, m) for p, m in model.named_modules() if p]
+    try:
+        for path, module in modules:
+            handles.append(module.register_forward_hook(make(path)))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(p, type(m).__name__, shapes.get(p, "-")) for p, m in modules]

@@ -1,0 +1,167 @@
+"""The plugin contract: what a distillation method is.
+
+Training with distillation is ordinary supervised training plus a method that looks at what
+the networks computed in one step and returns extra loss terms. A method never touches the
+training loop and the loop never knows which method runs; this file is the whole interface
+between the two.
+
+A method is an ``nn.Module`` so that its trainable extras (a self-teacher, 1×1 adapters) are
+moved to the device, optimised, checkpointed and wrapped for DDP together with the student
+with no special cases in the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Named points of the student and teacher whose outputs a method reads.
+
+    Names resolve against any timm model: ``stages`` (every stage), ``stage1``…``stageN``,
+    ``embedding`` (pooled features that enter the classifier) or a module path such as
+    ``layer3.1.conv2``. Logits are always available and need no tap.
+    """
+
+    student: tuple[str, ...] = ()
+    teacher: tuple[str, ...] = ()
+
+    def __init__(self, student=(), teacher=()):
+        object.__setattr__(self, "student", tuple(student))
+        object.__setattr__(self, "teacher", tuple(teacher))
+
+
+@dataclass
+class NetOutputs:
+    """What one network produced in one forward pass."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def stages(self) -> list[Tensor]:
+        """Stage maps in order (stage1 first), as captured by the ``stages`` tap."""
+        keys = sorted((k for k in self.features if k.startswith("stage") and k[5:].isdigit()),
+                      key=lambda k: int(k[5:]))
+        return [self.features[k] for k in keys]
+
+    @property
+    def embedding(self) -> Tensor:
+        return self.features["embedding"]
+
+
+@dataclass
+class StepOutputs:
+    """Everything a method's loss may read for one training step.
+
+    ``targets`` are class indices ``(B,)`` or, after mixing augmentations, class
+    probabilities ``(B, K)``; ``progress`` runs from 0 at the first step to 1 at the last,
+    for methods whose weights ramp over training.
+    """
+
+    student: NetOutputs
+    targets: Tensor
+    teacher: NetOutputs | None = None
+    images: Tensor | None = None
+    epoch: int = 0
+    step: int = 0
+    progress: float = 0.0
+
+
+Augment = Callable[[Tensor], Tensor]
+
+
+class Method(nn.Module, metaclass=abc.ABCMeta):
+    """Base class of every distillation method.
+
+    Subclasses set the class attributes, declare a ``Config`` dataclass whose fields are the
+    method's hyperparameters with the paper's defaults, and implement :meth:`loss`.
+    The life cycle the engine follows:
+
+    1. ``__init__(config)`` — hyperparameters only, no models yet.
+    2. ``setup(student_info, teacher_info)`` — create trainable extras as submodules; the
+       shapes of every tapped feature are known here.
+    3. ``install(student, teacher)`` — optional extra hooks (e.g. stop-gradient pre-hooks);
+       returns the handles, which the engine removes at the end of training.
+    4. per step: ``prepare_batch`` → forward passes with taps → ``loss``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    tasks: ClassVar[tuple[str, ...]] = ("cls",)
+    taps: Taps = Taps()
+    summary: ClassVar[str] = ""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config: Any | None = None):
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+
+    # -- hook points -------------------------------------------------------------------
+    def setup(self, student: ModelInfo, teacher: ModelInfo | None) -> None:
+        """Create trainable extra modules from the tapped shapes. Default: none."""
+
+    def install(self, student: nn.Module, teacher: nn.Module | None) -> list[Any]:
+        """Register extra hooks on the networks; return their handles. Default: none."""
+        return []
+
+    def prepare_batch(self, images: Tensor, targets: Tensor, augment: Augment) -> tuple[Tensor, Tensor]:
+        """Turn a raw batch (pixels in [0, 1], not yet augmented) into the training batch.
+
+        ``augment`` is the dataset's standard training augmentation (random crop and flip)
+        as a batched tensor function. Methods that build extra views (JDA) or mix images
+        (mixup) override this; everything runs on tensors, on whatever device holds them.
+        """
+        return augment(images), targets
+
+    @abc.abstractmethod
+    def loss(self, out: StepOutputs) -> dict[str, Tensor]:
+        """Return every loss term, already weighted; the engine sums and logs them."""
+
+    # -- conveniences ------------------------------------------------------------------
+    def teacher_output(self, out: StepOutputs) -> NetOutputs:
+        if out.teacher is None:
+            raise RuntimeError(f"method {self.name!r} needs a teacher but the step has none")
+        return out.teacher
+
+    def extra_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @classmethod
+    def config_fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.Config)]
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for hard (class index) or soft (probability) targets."""
+    if targets.dtype.is_floating_point:
+        return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return nn.functional.cross_entropy(logits.float(), targets)
+
+
+def kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
+    """KL(σ(z_t/τ) ‖ σ(z_s/τ)) — summed over classes, averaged over samples ("batchmean").
+
+    With ``reduction="none"`` the per-sample KL is returned. Computed in float32 so that
+    bf16 autocast does not lose the small probabilities the soft targets carry.
+    """
+    log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_sample = torch.sum(log_p_t.exp() * (log_p_t - log_p_s), dim=-1)
+    if reduction == "none":
+        return per_sample
+    return per_sample.mean()

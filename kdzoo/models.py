@@ -1,0 +1,147 @@
+"""timm models by name, the small-input stem, and what methods need to know about a model.
+
+The small-input stem turns an ImageNet ResNet stem (7×7 stride-2 conv + max-pool) into the
+CIFAR stem the distillation papers use (3×3 stride-1 conv, no max-pool), so ``resnet18`` on
+32-pixel images is the network those papers report, not one that sees a 8×8 map after its
+stem. It applies to timm's ResNet class, which covers ResNet, WideResNet and ResNeXt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+from .errors import UserError, close_matches
+from .hooks import probe_shapes, stage_entries
+
+SMALL_INPUT_MAX = 64
+
+
+@dataclass
+class ModelInfo:
+    """Shapes a method needs to size its extra modules (measured by a dummy forward)."""
+
+    name: str
+    num_classes: int
+    input_size: int
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tap -> shape without batch
+
+    @property
+    def stage_names(self) -> list[str]:
+        return sorted((k for k in self.shapes if k.startswith("stage") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+
+    @property
+    def stage_channels(self) -> list[int]:
+        return [self.shapes[k][0] for k in self.stage_names]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.shapes["embedding"][-1]
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        raise UserError(
+            f"unknown model {name!r}.{close_matches(name, timm.list_models())} "
+            "Any timm model name works; search them with `kdzoo list models PATTERN`"
+        )
+
+
+def supports_small_stem(model: nn.Module) -> bool:
+    return isinstance(model, timm.models.ResNet)
+
+
+def apply_small_input_stem(model: nn.Module) -> nn.Module:
+    """3×3 stride-1 first conv and no max-pool (ResNet family); reductions updated to match."""
+    if not supports_small_stem(model):
+        return model
+    conv1 = model.conv1
+    if isinstance(conv1, nn.Conv2d):
+        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
+    else:  # deep stem (resnet*d / *t): three 3×3 convs, the first with stride 2
+        first = conv1[0]
+        first.stride = (1, 1)
+    model.maxpool = nn.Identity()
+    for entry in model.feature_info:
+        entry["reduction"] = max(1, entry["reduction"] // 4)
+    return model
+
+
+def _needs_img_size(name: str) -> bool:
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=True) if hasattr(timm.models, "get_pretrained_cfg") else None
+    return bool(getattr(cfg, "fixed_input_size", False)) if cfg is not None else False
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    input_size: int,
+    small_input_stem: bool | None = None,
+    pretrained: bool = False,
+) -> nn.Module:
+    """A timm model with ``num_classes`` outputs, adapted to ``input_size``.
+
+    ``small_input_stem=None`` means automatic: on for inputs of at most 64 pixels.
+    Transformers with a fixed input size are built for ``input_size``.
+    """
+    check_model_name(name)
+    kwargs = {}
+    if _needs_img_size(name):
+        kwargs["img_size"] = input_size
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except (RuntimeError, OSError, ValueError) as e:
+        if pretrained:
+            raise UserError(
+                f"could not load pretrained weights for {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                "go online once or pass --teacher-checkpoint FILE"
+            ) from None
+        raise
+    if small_input_stem is None:
+        small_input_stem = input_size <= SMALL_INPUT_MAX
+    if small_input_stem:
+        model = apply_small_input_stem(model)
+    return model
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_info(model: nn.Module, name: str, num_classes: int, input_size: int, taps=()) -> ModelInfo:
+    """Measure the shapes of ``taps`` plus every stage and the embedding, when the model has them."""
+    names = list(taps)
+    if getattr(model, "feature_info", None):
+        stage_entries(model)
+        names.append("stages")
+    if hasattr(model, "get_classifier"):
+        names.append("embedding")
+    return ModelInfo(name, num_classes, input_size, probe_shapes(model, names, input_size))
+
+
+def load_weights(model: nn.Module, path: str, what: str = "checkpoint") -> dict:
+    """Load a kdzoo checkpoint or a plain state_dict into ``model`` — safely.
+
+    ``weights_only=True`` refuses pickled code, so a checkpoint from the internet cannot run
+    anything on load. Any mismatch with the architecture is a UserError naming both.
+    """
+    from .checkpoint import read_checkpoint
+
+    state = read_checkpoint(path, what)
+    weights = state.get("student", state) if isinstance(state, dict) else state
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"{what} {path!r} holds no state_dict of tensors; pass a kdzoo checkpoint or a saved state_dict")
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else "shapes differ"
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"{what} {path!r} does not fit model {type(model).__name__} ({first} {detail}); "
+            "pass a checkpoint of the same architecture, class count and stem"
+        ) from None
+    return state if isinstance(state, dict) else {}

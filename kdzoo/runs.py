@@ -1,0 +1,113 @@
+"""The run folder: what a run leaves on disk, written so that a kill never corrupts it.
+
+``<output>/<run-id>/`` holds ``config.json`` (everything needed to re-run it), ``metrics.csv``
+(one row per epoch), ``result.json`` (final figures; a run without it is incomplete),
+``last.pt`` and ``best.pt``. Every file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_json, atomic_write_text
+from .errors import UserError
+
+
+def versions() -> dict[str, str]:
+    import timm
+    import torch
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__, "kdzoo": __version__}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # -- locating ------------------------------------------------------------------------
+    @classmethod
+    def for_run(cls, output: str | Path, run_id: str, resume: bool) -> RunDir:
+        """The folder for ``run_id``: reused with ``resume``, else a fresh one (never overwritten)."""
+        output = Path(output)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create output folder {str(output)!r} ({e.strerror}); pass a writable --output DIR") from None
+        if not os.access(output, os.W_OK):
+            raise UserError(f"output folder {str(output)!r} is not writable; pass a writable --output DIR")
+        candidates = [output / run_id] + [output / f"{run_id}-{i}" for i in range(2, 1000)]
+        if resume:
+            existing = [c for c in candidates if c.exists()]
+            return cls(existing[-1] if existing else candidates[0])
+        for candidate in candidates:
+            if not candidate.exists():
+                return cls(candidate)
+        raise UserError(f"too many runs named {run_id!r} in {output}; pass --run-name")
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    # -- files ---------------------------------------------------------------------------
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def result_path(self) -> Path:
+        return self.path / "result.json"
+
+    def is_complete(self) -> bool:
+        return self.result_path.is_file()
+
+    def read_result(self) -> dict[str, Any]:
+        return json.loads(self.result_path.read_text())
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_json(self.path / "config.json", config)
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        atomic_write_json(self.result_path, result)
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.csv with every row so far (atomic; columns are the union of keys)."""
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in columns})
+        atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])

@@ -1,0 +1,73 @@
+"""Where a teacher comes from — never a silent random network.
+
+In this order: ``--teacher-checkpoint PATH`` (a kdzoo checkpoint or a plain state_dict,
+loaded safely); ``--teacher-pretrained`` (timm's weights; fine-tuned once on the dataset when
+its classifier does not match); otherwise kdzoo trains the teacher with the dataset's
+baseline recipe once, says so, and caches it under ``<output>/teachers/`` keyed by model,
+dataset and recipe, so the next run reuses it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .models import create_model, load_weights
+
+
+def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConfig:
+    """The baseline run that produces the cached teacher: the dataset's recipe, fixed seed."""
+    defaults = RunConfig()
+    return RunConfig(
+        method="baseline", model=cfg.teacher, dataset=cfg.dataset, data_root=cfg.data_root, download=cfg.download,
+        input_size=cfg.input_size, train_size=cfg.train_size, test_size=cfg.test_size,
+        epochs=cfg.teacher_epochs, seed=0, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
+        small_input_stem=cfg.small_input_stem, workers=cfg.workers,
+        output=str(Path(cfg.output) / "teachers"), optimizer=defaults.optimizer,
+        pretrained=pretrained_init,
+    )
+
+
+def obtain_teacher(cfg: RunConfig, data, device: torch.device, console) -> tuple[nn.Module, float | None, str]:
+    """(frozen teacher in eval mode on ``device``, its test top-1 if known, where it came from)."""
+    from .engine import Normalize, evaluate
+
+    if cfg.teacher_checkpoint:
+        teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem)
+        load_weights(teacher, cfg.teacher_checkpoint, "teacher checkpoint")
+        source = f"checkpoint {cfg.teacher_checkpoint}"
+        top1 = None
+    elif cfg.teacher_pretrained and data.num_classes == 1000:
+        teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem, pretrained=True)
+        source, top1 = "timm pretrained weights", None
+    else:
+        teacher, top1, source = _cached_teacher(cfg, data, console)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    if top1 is None:
+        top1 = evaluate(teacher, data.test, Normalize(data.mean, data.std, device), device, cfg.amp, False)["top1"]
+    console.print(f"teacher {cfg.teacher}: {source}; test top-1 {top1:.2f}%")
+    return teacher, top1, source
+
+
+def _cached_teacher(cfg: RunConfig, data, console) -> tuple[nn.Module, float, str]:
+    from .engine import run as run_training
+    from .runs import RunDir
+
+    tcfg = teacher_run_config(cfg, pretrained_init=cfg.teacher_pretrained).resolved()
+    run_dir = RunDir.for_run(tcfg.output, tcfg.run_id(), resume=True)
+    if run_dir.is_complete() and run_dir.last.is_file():
+        result = run_dir.read_result()
+        console.print(f"using the cached teacher {run_dir.path}")
+    else:
+        console.print(
+            f"[bold]No teacher checkpoint given:[/] training {cfg.teacher} on {cfg.dataset} with the baseline recipe "
+            f"for {tcfg.epochs} epochs, once; it is cached at {run_dir.path} and reused by later runs "
+            "(pass --teacher-checkpoint FILE to use your own)"
+        )
+        result = run_training(tcfg, resume=True, console=console)
+    teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem)
+    load_weights(teacher, str(run_dir.last), "cached teacher")
+    return teacher, result["top1"], f"trained by kdzoo ({run_dir.path})"

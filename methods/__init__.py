@@ -1,0 +1,1 @@
+"""Built-in methods, one module each; installed as ``kdzoo.methods``."""

@@ -1,0 +1,30 @@
+"""Plain supervised training: the reference every method is compared against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from kdzoo.method import Method, StepOutputs, cross_entropy
+from kdzoo.registry import register_method
+
+
+@register_method("baseline")
+class Baseline(Method):
+    """Cross-entropy on the labels, no teacher."""
+
+    summary = "cross-entropy only (no distillation)"
+    needs_teacher = False
+
+    @dataclass
+    class Config:
+        label_smoothing: float = 0.0
+
+    def loss(self, out: StepOutputs):
+        targets, eps = out.targets, self.config.label_smoothing
+        if eps > 0:
+            k = out.student.logits.shape[1]
+            soft = targets if targets.dtype.is_floating_point else F.one_hot(targets, k).float()
+            targets = soft * (1 - eps) + eps / k
+        return {"ce": cross_entropy(out.student.logits, targets)}

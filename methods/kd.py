@@ -1,0 +1,33 @@
+"""Hinton et al. 2015, "Distilling the Knowledge in a Neural Network".
+
+L = w_ce · CE(z_s, y) + w_kd · τ² · KL(σ(z_t/τ) ‖ σ(z_s/τ)). The τ² factor keeps the soft
+term's gradient scale independent of τ. Defaults are the CIFAR-100 setting of RepDistiller
+and mdistiller (τ = 4, 0.1 / 0.9); their ImageNet setting is τ = 1, 0.5 / 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kdzoo.method import Method, StepOutputs, cross_entropy, kl_div
+from kdzoo.registry import register_method
+
+
+@register_method("kd")
+class KD(Method):
+    summary = "Hinton KD: KL between temperature-softened teacher and student logits"
+    needs_teacher = True
+
+    @dataclass
+    class Config:
+        temperature: float = 4.0
+        ce_weight: float = 0.1
+        kd_weight: float = 0.9
+
+    def loss(self, out: StepOutputs):
+        c = self.config
+        teacher = self.teacher_output(out)
+        return {
+            "ce": c.ce_weight * cross_entropy(out.student.logits, out.targets),
+            "kd": c.kd_weight * c.temperature**2 * kl_div(out.student.logits, teacher.logits, c.temperature),
+        }

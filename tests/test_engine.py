@@ -1,0 +1,127 @@
+"""End-to-end runs on tiny settings: run folders, determinism, resume, teacher caching."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kdzoo.checkpoint import read_checkpoint
+from kdzoo.cli import main
+from kdzoo.engine import Interrupted, StopFlag, run
+from kdzoo.method import Method, cross_entropy
+from kdzoo.registry import register_method
+
+from .conftest import tiny_args, tiny_config
+
+
+def _metrics(folder):
+    with open(folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_a_complete_folder_and_lowers_the_loss(tmp_path, quiet_console):
+    result = run(tiny_config(tmp_path, epochs=4, train_size=160, lr=0.05), console=quiet_console)
+    folder = tmp_path / "runs" / result["run_id"]
+    for name in ("config.json", "metrics.csv", "result.json", "last.pt", "best.pt"):
+        assert (folder / name).is_file(), name
+    rows = _metrics(folder)
+    assert len(rows) == 4
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["run"]["epochs"] == 4 and config["versions"]["torch"] == torch.__version__
+    saved = json.loads((folder / "result.json").read_text())
+    assert saved["complete"] and saved["epochs"] == 4 and 0 <= saved["top1"] <= 100
+    state = read_checkpoint(folder / "last.pt")
+    assert state["epoch"] == 4 and "student" in state
+
+
+def test_same_seed_same_losses(tmp_path, quiet_console):
+    a = run(tiny_config(tmp_path, run_name="a"), console=quiet_console)
+    b = run(tiny_config(tmp_path, run_name="b"), console=quiet_console)
+    rows_a, rows_b = _metrics(tmp_path / "runs" / "a"), _metrics(tmp_path / "runs" / "b")
+    loss_columns = [c for c in rows_a[0] if c.startswith("train_") or c.startswith("test_")]
+    assert [[r[c] for c in loss_columns] for r in rows_a] == [[r[c] for c in loss_columns] for r in rows_b]
+    c = run(tiny_config(tmp_path, run_name="c", seed=1), console=quiet_console)
+    assert c["final_train_loss"] != a["final_train_loss"]
+
+
+@register_method("test_stop_after_5")
+class StopAfterFive(Method):
+    """Baseline that raises the stop flag at step 5, the way SIGTERM does."""
+
+    flag: StopFlag | None = None
+
+    @dataclass
+    class Config:
+        pass
+
+    def loss(self, out):
+        if out.step == 5 and StopAfterFive.flag is not None and not StopAfterFive.flag:
+            StopAfterFive.flag.signal_name = "SIGTERM"
+        return {"ce": cross_entropy(out.student.logits, out.targets)}
+
+
+def test_stop_then_resume_matches_uninterrupted(tmp_path, quiet_console):
+    full = run(tiny_config(tmp_path, method="test_stop_after_5", run_name="full"), console=quiet_console)
+    StopAfterFive.flag = StopFlag()
+    with pytest.raises(Interrupted, match="--resume"):
+        run(tiny_config(tmp_path, method="test_stop_after_5", run_name="cut"), console=quiet_console, stop=StopAfterFive.flag)
+    state = read_checkpoint(tmp_path / "runs" / "cut" / "last.pt")
+    assert state["global_step"] == 6 and state["epoch"] == 0
+    assert not (tmp_path / "runs" / "cut" / "result.json").exists()
+    StopAfterFive.flag = None
+    resumed = run(tiny_config(tmp_path, method="test_stop_after_5", run_name="cut"), resume=True, console=quiet_console)
+    assert resumed["top1"] == full["top1"]
+    assert resumed["final_train_loss"] == pytest.approx(full["final_train_loss"], rel=1e-6)
+    columns = ["train_loss", "train_ce", "test_loss", "test_top1"]
+    cut, uncut = _metrics(tmp_path / "runs" / "cut"), _metrics(tmp_path / "runs" / "full")
+    assert [[r[c] for c in columns] for r in cut] == [[r[c] for c in columns] for r in uncut]
+
+
+def test_sigterm_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
+    args = [sys.executable, "-m", "kdzoo", *tiny_args(tmp_path, "--epochs", "50", "--run-name", "sig")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "runs" / "sig" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "--resume" in err
+    state = read_checkpoint(last)
+    assert state["format"] == "kdzoo-checkpoint-v1"
+    assert not (tmp_path / "runs" / "sig" / "result.json").exists()
+    # resume with the same settings finishes the run (capped so the test stays short)
+    code = main([*tiny_args(tmp_path, "--epochs", "50", "--run-name", "sig", "--resume", "--max-steps",
+                            str(state["global_step"] + 3))])
+    assert code == 0
+    assert json.loads((tmp_path / "runs" / "sig" / "result.json").read_text())["steps"] == state["global_step"] + 3
+
+
+def test_kd_trains_and_caches_its_teacher(tmp_path, capsys):
+    args = tiny_args(tmp_path, "--method", "kd", "--teacher", "test_resnet", "--teacher-epochs", "1")
+    assert main(args) == 0
+    first = capsys.readouterr().err
+    assert "No teacher checkpoint given" in first and "training test_resnet" in first
+    assert main(args) == 0
+    second = capsys.readouterr().err
+    assert "using the cached teacher" in second and "No teacher checkpoint given" not in second
+    teachers = list((tmp_path / "runs" / "teachers").iterdir())
+    assert len(teachers) == 1 and (teachers[0] / "result.json").is_file()
+
+
+def test_teacher_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
+    from kdzoo.models import create_model
+
+    path = tmp_path / "other.pt"
+    torch.save(create_model("resnet18", 10, 16).state_dict(), path)
+    code = main(tiny_args(tmp_path, "--method", "kd", "--teacher", "test_resnet", "--teacher-checkpoint", str(path)))
+    assert code == 2
+    assert "does not fit model" in capsys.readouterr().err
