@@ -140,7 +140,8 @@ def cmd_list(args) -> int:
         from .settings import describe
 
         table = Table(title="kdzoo methods")
-        for column in ("method", "teacher", "tasks", "student taps", "teacher taps", "hyperparameters (defaults)", "summary"):
+        table.add_column("method", no_wrap=True)
+        for column in ("teacher", "tasks", "student taps", "teacher taps", "hyperparameters (defaults)", "summary"):
             table.add_column(column, overflow="fold")
         for name in method_names():
             cls = get_method(name)
