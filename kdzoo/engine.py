@@ -384,8 +384,7 @@ class Trainer:
                     f"loss term {name!r} became {value} by step {self.global_step} (epoch {self.epoch + 1}); "
                     f"the last good checkpoint is {self.ctx.run_dir.last}; lower --lr or the term's weight"
                 )
-            key = "_correct" if name == "_correct" else name
-            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.sums[name] = self.sums.get(name, 0.0) + value
         pending.clear()
 
     def _step(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], int, Tensor]:
