@@ -161,7 +161,7 @@ def cmd_list(args) -> int:
         for name in dataset_names():
             spec = get_dataset(name)
             r = spec.recipe
-            recipe = f"{r.epochs} ep, batch {r.batch_size}, lr {r.lr}, wd {r.weight_decay}, {r.schedule}"
+            recipe = f"{r.epochs} ep, {r.optimizer} lr {r.lr}, batch {r.batch_size}, wd {r.weight_decay}, {r.schedule}"
             table.add_row(name, str(spec.num_classes or "from folders"), str(spec.input_size), recipe, spec.description)
         console.print(table)
     else:

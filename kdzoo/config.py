@@ -30,7 +30,7 @@ class RunConfig:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    optimizer: Literal["sgd", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adamw"] | None = None
     momentum: float = 0.9
     nesterov: bool | None = None
     weight_decay: float | None = None
@@ -58,7 +58,7 @@ class RunConfig:
         spec = get_dataset(self.dataset)
         recipe = spec.recipe
         values = dataclasses.asdict(self)
-        for key in ("epochs", "batch_size", "lr", "weight_decay", "schedule", "warmup_epochs", "nesterov"):
+        for key in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "nesterov"):
             if values[key] is None:
                 values[key] = getattr(recipe, key)
         if values["milestones"] is None:

@@ -102,8 +102,11 @@ class Context:
     extras: dict = field(default_factory=dict)
 
 
-def validate(cfg: RunConfig) -> tuple[type[Method], Any]:
-    """Check every name and setting before any work starts (all errors are UserErrors)."""
+def validate(cfg: RunConfig) -> Method:
+    """Check every name and setting before any work starts (all errors are UserErrors).
+
+    Returns the method, built from its validated settings (its constructor checks their values).
+    """
     method_cls = get_method(cfg.method)
     method_config = apply_overrides(method_cls.Config(), cfg.method_settings, f"method {method_cls.name!r}")
     get_dataset(cfg.dataset)
@@ -118,13 +121,14 @@ def validate(cfg: RunConfig) -> tuple[type[Method], Any]:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    return method_cls, method_config
+    return method_cls(method_config)
 
 
 def build(cfg: RunConfig, resume: bool, console) -> Context:
     from .teacher import obtain_teacher
 
-    method_cls, method_config = validate(cfg)
+    method = validate(cfg)
+    method_cls, method_config = type(method), method.config
     if not method_cls.needs_teacher and cfg.teacher:
         console.print(f"[yellow]note:[/] method {cfg.method!r} uses no teacher; ignoring --teacher {cfg.teacher}")
         cfg = dataclasses.replace(cfg, teacher=None, teacher_checkpoint=None, teacher_pretrained=False)
@@ -142,14 +146,15 @@ def build(cfg: RunConfig, resume: bool, console) -> Context:
     data.train.to(device)
     data.test.to(device)
 
+    # The student is built and probed before a teacher is trained, so an input size the
+    # student cannot take fails at once rather than after the teacher's training.
+    torch.manual_seed(cfg.seed)  # the student's init depends on the seed alone, not on teacher sourcing
+    student = create_model(cfg.model, data.num_classes, data.input_size, cfg.small_input_stem, cfg.pretrained).to(device)
+    s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student)
+
     teacher, teacher_top1, teacher_source = None, None, None
     if cfg.teacher:
         teacher, teacher_top1, teacher_source = obtain_teacher(cfg, data, device, console)
-
-    torch.manual_seed(cfg.seed)  # the student's init depends on the seed alone, not on teacher sourcing
-    student = create_model(cfg.model, data.num_classes, data.input_size, cfg.small_input_stem, cfg.pretrained).to(device)
-    method = method_cls(method_config)
-    s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student)
     t_info = model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher) if teacher is not None else None
     if t_info is not None and t_info.shapes["logits"] != s_info.shapes["logits"]:
         raise UserError(
@@ -242,6 +247,7 @@ class Trainer:
         self.channels_last = cfg.channels_last
         if self.channels_last:
             self.student.to(memory_format=torch.channels_last)
+            self.method.to(memory_format=torch.channels_last)  # its convs read the student's channels_last maps
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
         if self.teacher is not None:

@@ -188,7 +188,13 @@ def probe_shapes(model: nn.Module, names, input_size: int, in_chans: int = 3) ->
     model.eval()
     try:
         with FeatureTaps(model, names) as taps, torch.no_grad():
-            logits = model(torch.zeros(2, in_chans, input_size, input_size, device=device))
+            try:
+                logits = model(torch.zeros(2, in_chans, input_size, input_size, device=device))
+            except RuntimeError as e:  # e.g. a kernel larger than a map that too many strides shrank
+                raise UserError(
+                    f"{type(model).__name__} cannot process {input_size}×{input_size} inputs "
+                    f"({str(e).splitlines()[0][:100]}); use a larger --input-size or a model with less down-sampling"
+                ) from None
             shapes = {k: tuple(v.shape[1:]) for k, v in taps.pop().items()}
     finally:
         model.train(was_training)

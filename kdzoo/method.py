@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
+
 if TYPE_CHECKING:
     from .models import ModelInfo
 
@@ -133,6 +135,21 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Return every loss term, already weighted; the engine sums and logs them."""
 
     # -- conveniences ------------------------------------------------------------------
+    def check_config(self, positive=(), non_negative=(), unit=()) -> None:
+        """Refuse out-of-range hyperparameters before any work starts, naming the key.
+
+        ``positive``: must be > 0; ``non_negative``: ≥ 0; ``unit``: within [0, 1]. Keys whose
+        value is ``None`` (meaning "the default") are skipped.
+        """
+        rules = [(positive, lambda v: v > 0, "must be positive"),
+                 (non_negative, lambda v: v >= 0, "must not be negative"),
+                 (unit, lambda v: 0 <= v <= 1, "must lie in [0, 1]")]
+        for keys, ok, what in rules:
+            for key in keys:
+                value = getattr(self.config, key)
+                if value is not None and not ok(value):
+                    raise UserError(f"method {self.name!r}: {key} {what}, got {value} (--set {key}=...)")
+
     def teacher_output(self, out: StepOutputs) -> NetOutputs:
         if out.teacher is None:
             raise RuntimeError(f"method {self.name!r} needs a teacher but the step has none")

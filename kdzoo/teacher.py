@@ -19,14 +19,14 @@ from .models import create_model, load_weights
 
 
 def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConfig:
-    """The baseline run that produces the cached teacher: the dataset's recipe, fixed seed."""
-    defaults = RunConfig()
+    """The baseline run that produces the cached teacher: the dataset's recipe (with the run's data
+    settings: input size, image counts, batch size) and a fixed seed."""
     return RunConfig(
         method="baseline", model=cfg.teacher, dataset=cfg.dataset, data_root=cfg.data_root, download=cfg.download,
-        input_size=cfg.input_size, train_size=cfg.train_size, test_size=cfg.test_size,
+        input_size=cfg.input_size, train_size=cfg.train_size, test_size=cfg.test_size, batch_size=cfg.batch_size,
         epochs=cfg.teacher_epochs, seed=0, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
         small_input_stem=cfg.small_input_stem, workers=cfg.workers,
-        output=str(Path(cfg.output) / "teachers"), optimizer=defaults.optimizer,
+        output=str(Path(cfg.output) / "teachers"),
         pretrained=pretrained_init,
     )
 
@@ -54,20 +54,25 @@ def obtain_teacher(cfg: RunConfig, data, device: torch.device, console) -> tuple
 
 def _cached_teacher(cfg: RunConfig, data, console) -> tuple[nn.Module, float, str]:
     from .engine import run as run_training
+    from .locks import file_lock
     from .runs import RunDir
 
     tcfg = teacher_run_config(cfg, pretrained_init=cfg.teacher_pretrained).resolved()
+    # One process trains a given teacher; another that needs it meanwhile (parallel bench cells)
+    # waits for the lock and then finds it cached.
     run_dir = RunDir.for_run(tcfg.output, tcfg.run_id(), resume=True)
-    if run_dir.is_complete() and run_dir.last.is_file():
-        result = run_dir.read_result()
-        console.print(f"using the cached teacher {run_dir.path}")
-    else:
-        console.print(
-            f"[bold]No teacher checkpoint given:[/] training {cfg.teacher} on {cfg.dataset} with the baseline recipe "
-            f"for {tcfg.epochs} epochs, once; it is cached at {run_dir.path} and reused by later runs "
-            "(pass --teacher-checkpoint FILE to use your own)"
-        )
-        result = run_training(tcfg, resume=True, console=console)
+    lock = Path(tcfg.output) / f"{tcfg.run_id()}.lock"
+    with file_lock(lock, on_wait=lambda: console.print(f"waiting for another process that is training the teacher {lock.stem}")):
+        if run_dir.is_complete() and run_dir.last.is_file():
+            result = run_dir.read_result()
+            console.print(f"using the cached teacher {run_dir.path}")
+        else:
+            console.print(
+                f"[bold]No teacher checkpoint given:[/] training {cfg.teacher} on {cfg.dataset} with the baseline recipe "
+                f"for {tcfg.epochs} epochs, once; it is cached at {run_dir.path} and reused by later runs "
+                "(pass --teacher-checkpoint FILE to use your own)"
+            )
+            result = run_training(tcfg, resume=True, console=console)
     teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem)
     load_weights(teacher, str(run_dir.last), "cached teacher")
     return teacher, result["top1"], f"trained by kdzoo ({run_dir.path})"

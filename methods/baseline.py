@@ -21,6 +21,10 @@ class Baseline(Method):
     class Config:
         label_smoothing: float = 0.0
 
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.check_config(unit=("label_smoothing",))
+
     def loss(self, out: StepOutputs):
         targets, eps = out.targets, self.config.label_smoothing
         if eps > 0:

@@ -24,6 +24,10 @@ class KD(Method):
         ce_weight: float = 0.1
         kd_weight: float = 0.9
 
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.check_config(positive=("temperature",), non_negative=("ce_weight", "kd_weight"))
+
     def loss(self, out: StepOutputs):
         c = self.config
         teacher = self.teacher_output(out)

@@ -62,21 +62,22 @@ def generate(n: int, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor, Ten
     grid_y, grid_x = torch.meshgrid(coords, coords, indexing="ij")
     grid_x, grid_y = grid_x.expand(n, size, size), grid_y.expand(n, size, size)
 
-    # background: a colour gradient plus stripes of random frequency and orientation
+    # background: a colour gradient with faint stripes of random frequency and orientation
     base = rand(n, 3, 1, 1) * 0.8 + 0.1
-    slope = (rand(n, 3, 1, 1) - 0.5) * 0.5
+    slope = (rand(n, 3, 1, 1) - 0.5) * 0.4
     freq = rand(n, 1, 1, 1) * 6 + 2
     phi = rand(n, 1, 1, 1) * math.pi
     stripes = torch.sin(freq * (grid_x.unsqueeze(1) * torch.cos(phi) + grid_y.unsqueeze(1) * torch.sin(phi)) * math.pi)
-    images = base + slope * grid_x.unsqueeze(1) + 0.08 * stripes * rand(n, 1, 1, 1)
+    images = base + slope * grid_x.unsqueeze(1) + 0.06 * stripes * rand(n, 1, 1, 1)
     masks = torch.zeros(n, size, size, dtype=torch.long)
 
     labels = torch.randint(0, len(CLASSES), (n,), generator=g)
-    main_radius = 0.5 + rand(n) * 0.4             # fraction of the half-width
+    main_radius = 0.6 + rand(n) * 0.35            # fraction of the half-width
     main_colour = rand(n, 3)
-    # keep some images low-contrast: pull the shape's colour towards the background
-    blend = (rand(n, 1) < 0.1).float() * rand(n, 1) * 0.5
-    main_colour = main_colour * (1 - blend) + base.view(n, 3) * blend
+    # the main shape usually stands out from the background; about 1 in 20 is low-contrast
+    background = base.view(n, 3)
+    faint = (main_colour - background).abs().sum(dim=1, keepdim=True) < 0.6
+    main_colour = torch.where(faint & (rand(n, 1) > 0.15), 1 - background, main_colour)
 
     def distractors(count_prob: float, scale: float):
         present = rand(n) < count_prob
@@ -88,12 +89,12 @@ def generate(n: int, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor, Ten
         radius = torch.where(present, radius, torch.full_like(radius, 1e-3))  # absent: too small to hit a pixel
         return kind, cx, cy, radius, angle, colour
 
-    _draw(images, masks, *distractors(0.6, 0.3), grid_x, grid_y)  # clutter under the main shape
+    _draw(images, masks, *distractors(0.4, 0.3), grid_x, grid_y)  # clutter under the main shape
     cx = (rand(n) * 2 - 1) * (1 - main_radius) * 0.9
     cy = (rand(n) * 2 - 1) * (1 - main_radius) * 0.9
     _draw(images, masks, labels, cx, cy, main_radius, rand(n) * 2 * math.pi, main_colour, grid_x, grid_y)
-    _draw(images, masks, *distractors(0.15, 0.2), grid_x, grid_y)  # occluders on top
+    _draw(images, masks, *distractors(0.1, 0.2), grid_x, grid_y)  # small occluders on top
 
-    images = images + torch.randn(images.shape, generator=g) * 0.04
+    images = images + torch.randn(images.shape, generator=g) * 0.03
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, labels, masks.to(torch.uint8)
