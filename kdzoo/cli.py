@@ -83,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     hooks.add_argument("--num-classes", type=int, default=10)
     _bool_flag(hooks, "small-input-stem", "force the small-input stem on or off (default: on for <= 64 px)")
     hooks.add_argument("--all", action="store_true", help="also list every module path")
+
+    bench = sub.add_parser("bench", help="run every cell of a suite (TOML), skipping complete ones; print the leaderboard")
+    bench.add_argument("suite", metavar="SUITE.toml", help="the suite file, e.g. benchmarks/quick.toml")
+    bench.add_argument("--output", default=None, help="folder for the suite's runs (default: the suite's, or runs/bench/<name>)")
+    bench.add_argument("--jobs", type=int, default=1, help="cells at once, each in a subprocess (default 1: in this process)")
+    bench.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
+    bench.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
+
+    board = sub.add_parser("leaderboard", help="group the runs under a folder by recipe: mean ± std over seeds")
+    board.add_argument("--runs", default="runs", help="folder to scan recursively (default runs/)")
+    board.add_argument("--csv", default=None, metavar="FILE", help="also write the table as CSV")
+    board.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as Markdown")
+    board.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of mean ± std (needs the plot extra)")
+    board.add_argument("--teachers", action="store_true", help="include the cached teachers under teachers/ folders")
     return parser
 
 
@@ -202,6 +216,15 @@ def cmd_hooks(args) -> int:
     return 0
 
 
+def _lazy(module: str, name: str):
+    """A command handler imported only when its command runs (`kdzoo run` need not import pandas)."""
+    def handler(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -214,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks}[args.command]
+        handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks, "bench": _lazy("bench", "cmd_bench"),
+                   "leaderboard": _lazy("leaderboard", "cmd_leaderboard")}[args.command]
         return handler(args)
     except UserError as e:
         print(f"kdzoo: error: {e}", file=sys.stderr)

@@ -87,3 +87,23 @@ class RunConfig:
 
 
 RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_settings"]
+
+
+# Settings that change no result, and the seed: left out of the recipe hash, so seeds group.
+NOT_RECIPE = frozenset(RunConfig._NON_RESULT) | {"seed", "method_settings"}
+
+
+def hash_recipe(run: dict[str, Any], method_config: dict[str, Any], versions: dict[str, Any],
+                leave_out: tuple[str, ...] = ()) -> str:
+    """10 hex digits over everything that changes a result apart from the seed: the run settings,
+    the method's resolved settings and the library versions (not Python's).
+
+    Runs that differ only in their seed share it, so the leaderboard averages exactly those.
+    ``leave_out`` drops further run keys (the leaderboard's method-free training hash).
+    """
+    record = {
+        "run": {k: v for k, v in run.items() if k not in NOT_RECIPE and k not in leave_out},
+        "method": method_config,
+        "versions": {k: v for k, v in (versions or {}).items() if k != "python"},
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import RunConfig, hash_recipe
 from .data import DataRequest, get_dataset
 from .data.loaders import to_float
 from .errors import UserError
@@ -124,7 +124,7 @@ def validate(cfg: RunConfig) -> Method:
     return method_cls(method_config)
 
 
-def build(cfg: RunConfig, resume: bool, console) -> Context:
+def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -> Context:
     from .teacher import obtain_teacher
 
     method = validate(cfg)
@@ -154,7 +154,7 @@ def build(cfg: RunConfig, resume: bool, console) -> Context:
 
     teacher, teacher_top1, teacher_source = None, None, None
     if cfg.teacher:
-        teacher, teacher_top1, teacher_source = obtain_teacher(cfg, data, device, console)
+        teacher, teacher_top1, teacher_source = obtain_teacher(cfg, data, device, console, stop)
     t_info = model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher) if teacher is not None else None
     if t_info is not None and t_info.shapes["logits"] != s_info.shapes["logits"]:
         raise UserError(
@@ -231,7 +231,7 @@ def run(cfg: RunConfig, resume: bool = False, console=None, stop: StopFlag | Non
 
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
-    ctx = build(cfg, resume, console)
+    ctx = build(cfg, resume, console, stop)
     if ctx.run_dir.is_complete():
         console.print(f"run {ctx.run_dir.path} is already complete; not training again")
         return ctx.run_dir.read_result()
@@ -493,15 +493,5 @@ class Trainer:
 
 
 def recipe_hash(cfg: RunConfig, method_config) -> str:
-    """Hash of everything that changes the result: the run recipe, the method's full settings
-    and the library versions — so the leaderboard never averages different recipes."""
-    import hashlib
-    import json
-
-    ignore = set(RunConfig._NON_RESULT) | {"method_settings"}
-    record = {
-        "run": {k: v for k, v in cfg.to_dict().items() if k not in ignore},
-        "method": dataclasses.asdict(method_config),
-        "versions": {k: v for k, v in versions().items() if k != "python"},
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    """The run's :func:`kdzoo.config.hash_recipe`: never averaged with a different recipe."""
+    return hash_recipe(cfg.to_dict(), dataclasses.asdict(method_config), versions())

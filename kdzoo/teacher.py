@@ -31,7 +31,7 @@ def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConf
     )
 
 
-def obtain_teacher(cfg: RunConfig, data, device: torch.device, console) -> tuple[nn.Module, float | None, str]:
+def obtain_teacher(cfg: RunConfig, data, device: torch.device, console, stop=None) -> tuple[nn.Module, float | None, str]:
     """(frozen teacher in eval mode on ``device``, its test top-1 if known, where it came from)."""
     from .engine import Normalize, evaluate
 
@@ -44,7 +44,7 @@ def obtain_teacher(cfg: RunConfig, data, device: torch.device, console) -> tuple
         teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem, pretrained=True)
         source, top1 = "timm pretrained weights", None
     else:
-        teacher, top1, source = _cached_teacher(cfg, data, console)
+        teacher, top1, source = _cached_teacher(cfg, data, console, stop)
     teacher = teacher.to(device).eval().requires_grad_(False)
     if top1 is None:
         top1 = evaluate(teacher, data.test, Normalize(data.mean, data.std, device), device, cfg.amp, False)["top1"]
@@ -52,7 +52,7 @@ def obtain_teacher(cfg: RunConfig, data, device: torch.device, console) -> tuple
     return teacher, top1, source
 
 
-def _cached_teacher(cfg: RunConfig, data, console) -> tuple[nn.Module, float, str]:
+def _cached_teacher(cfg: RunConfig, data, console, stop=None) -> tuple[nn.Module, float, str]:
     from .engine import run as run_training
     from .locks import file_lock
     from .runs import RunDir
@@ -72,7 +72,7 @@ def _cached_teacher(cfg: RunConfig, data, console) -> tuple[nn.Module, float, st
                 f"for {tcfg.epochs} epochs, once; it is cached at {run_dir.path} and reused by later runs "
                 "(pass --teacher-checkpoint FILE to use your own)"
             )
-            result = run_training(tcfg, resume=True, console=console)
+            result = run_training(tcfg, resume=True, console=console, stop=stop)  # Ctrl-C stops it too
     teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem)
     load_weights(teacher, str(run_dir.last), "cached teacher")
     return teacher, result["top1"], f"trained by kdzoo ({run_dir.path})"

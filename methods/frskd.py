@@ -103,6 +103,21 @@ def upsample_to(x: Tensor, size: Size) -> Tensor:
     return F.interpolate(x, size=size, mode="nearest")
 
 
+def ramp(progress: float, start: float, length: float) -> float:
+    """Factor of α and β at ``progress`` (0 → 1 over training): 0 before ``start``, then the
+    sigmoid ramp-up exp(−5·(1 − t)²) over ``length``, then 1. With start = length = 0, always 1.
+
+    The paper ramps α and β this way only in its segmentation setting (zero for 40 of 60
+    epochs); the exact curve is kdzoo's reading of "sigmoid ramp".
+    """
+    if progress < start:
+        return 0.0
+    if length <= 0:
+        return 1.0
+    t = min(1.0, (progress - start) / length)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
 def fusion_weights(raw: Tensor) -> Tensor:
     """Fast normalised fusion: ReLU(w) / (Σ ReLU(w) + ε). Non-negative, sums to at most 1."""
     w = F.relu(raw)
@@ -291,12 +306,15 @@ class FRSKD(Method):
         mix_alpha: float | None = None  # Beta(a, a) of mixup/cutmix; none = 0.2 (mixup), 1.0 (cutmix)
         sla: bool = False  # self-supervised label augmentation (4 rotations, joint heads)
         sla_weight: float = 1.0  # weight of SLA's aggregated-logit KD (the reference's aux_lamb)
+        ramp_start: float = 0.0  # fraction of training with α = β = 0 (the paper's segmentation setting: 40/60)
+        ramp_length: float = 0.0  # fraction of training over which α, β then rise to full (sigmoid ramp)
 
     def __init__(self, config=None):
         super().__init__(config)
         c = self.config
         self.check_config(positive=("temperature", "width", "depth", "mix_alpha"),
-                          non_negative=("alpha", "beta", "sla_weight", "num_stages"))
+                          non_negative=("alpha", "beta", "sla_weight", "num_stages"),
+                          unit=("ramp_start", "ramp_length"))
         if c.sla and c.aug != "none":
             raise UserError("method 'frskd': sla=true cannot be combined with aug=mixup/cutmix; pick one")
         self.num_classes = 0
@@ -329,12 +347,14 @@ class FRSKD(Method):
             return mixup(images, soft, c.mix_alpha if c.mix_alpha is not None else 0.2)
         return cutmix(images, soft, c.mix_alpha if c.mix_alpha is not None else 1.0)
 
-    def _distill(self, z_c: Tensor, z_t: Tensor, feats: list[Tensor], refined: list[Tensor]) -> dict[str, Tensor]:
+    def _distill(self, z_c: Tensor, z_t: Tensor, feats: list[Tensor], refined: list[Tensor],
+                 progress: float) -> dict[str, Tensor]:
         """The two FRSKD terms; the self-teacher's outputs are detached, so only the classifier moves."""
         c = self.config
+        scale = ramp(progress, c.ramp_start, c.ramp_length)
         return {
-            "kd": c.alpha * c.temperature**2 * kl_div(z_c, z_t.detach(), c.temperature),
-            "att": c.beta * sum(attention_loss(f, r) for f, r in zip(feats, refined)),
+            "kd": scale * c.alpha * c.temperature**2 * kl_div(z_c, z_t.detach(), c.temperature),
+            "att": scale * c.beta * sum(attention_loss(f, r) for f, r in zip(feats, refined)),
         }
 
     def loss(self, out: StepOutputs) -> dict[str, Tensor]:
@@ -346,7 +366,7 @@ class FRSKD(Method):
         return {
             "ce": cross_entropy(z_c, out.targets),
             "ce_self": cross_entropy(z_t, out.targets),
-            **self._distill(z_c, z_t, feats, refined),
+            **self._distill(z_c, z_t, feats, refined, out.progress),
         }
 
     def _sla_loss(self, out, z_c, z_t, feats, refined) -> dict[str, Tensor]:
@@ -372,5 +392,5 @@ class FRSKD(Method):
             "ce_self": cross_entropy(z_t[:b], out.targets),
             "sla_ce": cross_entropy(rot_c, joint) + cross_entropy(rot_t, joint),
             "sla_kd": c.sla_weight * tau2 * own_kd,
-            **self._distill(torch.cat([z_c[:b], agg_c]), torch.cat([z_t[:b], agg_t]), feats, refined),
+            **self._distill(torch.cat([z_c[:b], agg_c]), torch.cat([z_t[:b], agg_t]), feats, refined, out.progress),
         }

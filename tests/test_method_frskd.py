@@ -112,6 +112,20 @@ def test_settings_change_the_weights():
     assert other["kd"].item() == pytest.approx(kl1, abs=1e-5)
 
 
+@pytest.mark.parametrize("progress,expected", [(0.0, 0.0), (0.29, 0.0), (0.3, math.exp(-5)), (0.45, math.exp(-5 * 0.5**2)), (0.6, 1.0), (1.0, 1.0)])
+def test_ramp_scales_both_distillation_terms(progress, expected):
+    feats = _stages(CHANNELS, SIZES)
+    logits, y = torch.randn(2, K, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 3])
+    torch.manual_seed(0)
+    full = _method(CHANNELS, SIZES).loss(StepOutputs(NetOutputs(logits, feats), y))
+    torch.manual_seed(0)
+    ramped = _method(CHANNELS, SIZES, ramp_start=0.3, ramp_length=0.3).loss(
+        StepOutputs(NetOutputs(logits, feats), y, progress=progress))
+    for term in ("kd", "att"):
+        assert ramped[term].item() == pytest.approx(expected * full[term].item(), rel=1e-5, abs=1e-12)
+    assert ramped["ce_self"].item() == pytest.approx(full["ce_self"].item(), rel=1e-6)  # never ramped
+
+
 def test_soft_targets_and_bf16_features_are_accepted():
     method = _method(CHANNELS, SIZES)
     feats = {k: v.bfloat16() for k, v in _stages(CHANNELS, SIZES).items()}
