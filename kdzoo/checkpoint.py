@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,38 @@ import torch
 from .errors import UserError
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp" next to their target
+
+# Fault injection for tests/test_faults.py only: KDZOO_TEST_KILL_IN_WRITE=N makes the process
+# SIGKILL itself halfway through writing the data of its N-th atomic write (counted from 1),
+# the worst moment for a crash. Unset, it costs one dictionary lookup per write.
+_KILL_IN_WRITE_ENV = "KDZOO_TEST_KILL_IN_WRITE"
+_writes_done = 0
+
+
+def _maybe_kill_mid_write(f, data: bytes) -> None:
+    global _writes_done
+    target = os.environ.get(_KILL_IN_WRITE_ENV)
+    if not target:
+        return
+    _writes_done += 1
+    if _writes_done == int(target):
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
+            _maybe_kill_mid_write(f, data)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
