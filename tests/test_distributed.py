@@ -123,3 +123,46 @@ def test_two_process_gloo_run_matches_one_process_stops_together_and_resumes(tmp
         assert one[part].keys() == two[part].keys()
         for name in one[part]:
             torch.testing.assert_close(two[part][name], one[part][name], rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+
+
+# the built-in methods with trainable extras (the others train the student alone, which the
+# DDP run above covers), and FRSKD's variant with its two extra rotation heads
+WITH_EXTRAS = [("nfd", []), ("lakd", []), ("frskd", []), ("frskd", ["--set", "sla=true"])]
+
+
+def test_the_list_holds_every_built_in_method_with_extras():
+    from kdzoo.method import Method
+    from kdzoo.registry import get_method, method_names
+
+    built_in = [get_method(n) for n in method_names() if get_method(n).__module__.startswith("kdzoo.methods.")]
+    with_setup = {cls.name for cls in built_in if cls.setup is not Method.setup}
+    assert with_setup == {m for m, _ in WITH_EXTRAS}
+
+
+@pytest.mark.parametrize("method,settings", WITH_EXTRAS)
+def test_built_in_methods_give_every_trainable_parameter_a_gradient(tmp_path, monkeypatch, method, settings):
+    """What lets DDP run without find_unused_parameters: a method that leaves a parameter without
+    a gradient on some step must say so (Method.some_parameters_unused), or DDP stops with an error."""
+    from kdzoo import engine
+    from kdzoo.models import create_model
+    from kdzoo.registry import get_method
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save(create_model("test_resnet", 10, 16).state_dict(), teacher)
+    unused: list[str] = []
+    real_step = engine.Trainer._step
+
+    def step_and_check(self, images, targets):
+        out = real_step(self, images, targets)
+        names = {id(p): n for n, p in [*self.student.named_parameters(), *(("method." + n, p) for n, p in self.method.named_parameters())]}
+        unused.extend(names[id(p)] for p in self.params if p.grad is None)
+        return out
+
+    monkeypatch.setattr(engine.Trainer, "_step", step_and_check)
+    args = ["run", "--method", method, "--model", "test_resnet", "--input-size", "16", "--train-size", "16",
+            "--test-size", "8", "--batch-size", "8", "--epochs", "1", "--max-steps", "1", "--device", "cpu",
+            "--output", str(tmp_path / "runs"), *settings]
+    if get_method(method).needs_teacher:
+        args += ["--teacher", "test_resnet", "--teacher-checkpoint", str(teacher)]
+    assert main(args) == 0
+    assert get_method(method).some_parameters_unused or not unused, unused
