@@ -159,8 +159,10 @@ def cmd_run(args) -> int:
 
 def _launch_processes(args, cfg: RunConfig) -> int:
     """``kdzoo run --nproc N``: check the settings here (one clean error, not N), then start N workers."""
+    import torch
+
     from . import distributed
-    from .engine import validate
+    from .engine import resolve_device, validate
     from .runs import RunDir
 
     if args.nproc < 1:
@@ -168,6 +170,9 @@ def _launch_processes(args, cfg: RunConfig) -> int:
     if distributed.launched_by_torchrun():
         raise UserError("--nproc starts its own processes; under torchrun leave it out (torchrun's --nproc_per_node sets it)")
     validate(cfg)
+    if resolve_device(cfg.device).type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {args.nproc} asks for one GPU per process but {torch.cuda.device_count()} are visible; "
+                        "pass at most that many")
     RunDir.for_run(cfg.output, cfg.run_id(), True)  # the output folder is writable
     argv, skip = [], False
     for arg in args.argv:  # the same command line without --nproc
