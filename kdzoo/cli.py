@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=None, help="TOML file with run settings and a [method] table")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
     run.add_argument("--resume", action="store_true", help="continue the run with these settings from its last.pt")
+    run.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="train data-parallel in N processes on this machine (one per GPU; gloo on CPU) via torchrun")
 
     lst = sub.add_parser("list", help="list methods, models or datasets")
     lst.add_argument("what", nargs="?", choices=["methods", "models", "datasets"], default="methods")
@@ -123,15 +125,29 @@ def config_from_args(args) -> tuple[RunConfig, bool]:
 def cmd_run(args) -> int:
     from rich.console import Console
 
-    from .engine import StopFlag, run, stop_on_signals
+    from .engine import StopFlag, resolve_device, run, stop_on_signals
     from .registry import load_plugin
+
+    from . import distributed
 
     for plugin in args.plugin:
         load_plugin(plugin)
     cfg, resume = config_from_args(args)
-    console = Console(stderr=True)
-    with stop_on_signals(StopFlag()) as flag:
-        result = run(cfg, resume=resume, console=console, stop=flag)
+    if args.nproc is not None:
+        return _launch_processes(args, cfg)
+    device = resolve_device(cfg.device)
+    if distributed.init_from_env(device.type) and not distributed.is_main():
+        console = Console(stderr=True, quiet=True)  # rank 0 speaks for all
+    else:
+        console = Console(stderr=True)
+    main_process = distributed.is_main()
+    try:
+        with stop_on_signals(StopFlag()) as flag:
+            result = run(cfg, resume=resume, console=console, stop=flag)
+    finally:
+        distributed.shutdown()
+    if not main_process:
+        return 0
     out = Console()
     out.print(
         f"[bold green]done[/] {result['run_id']}: top-1 {result['top1']:.2f}% (best {result['best_top1']:.2f}%), "
@@ -139,6 +155,34 @@ def cmd_run(args) -> int:
     )
     out.print(f"run folder: {cfg.output}/{result['run_id']}")
     return 0
+
+
+def _launch_processes(args, cfg: RunConfig) -> int:
+    """``kdzoo run --nproc N``: check the settings here (one clean error, not N), then start N workers."""
+    import torch
+
+    from . import distributed
+    from .engine import resolve_device, validate
+    from .runs import RunDir
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+    if distributed.launched_by_torchrun():
+        raise UserError("--nproc starts its own processes; under torchrun leave it out (torchrun's --nproc_per_node sets it)")
+    validate(cfg)
+    if resolve_device(cfg.device).type == "cuda" and args.nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {args.nproc} asks for one GPU per process but {torch.cuda.device_count()} are visible; "
+                        "pass at most that many")
+    RunDir.for_run(cfg.output, cfg.run_id(), True)  # the output folder is writable
+    argv, skip = [], False
+    for arg in args.argv:  # the same command line without --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    return distributed.launch(args.nproc, argv)
 
 
 def cmd_list(args) -> int:
@@ -225,10 +269,19 @@ def _lazy(module: str, name: str):
     return handler
 
 
+def _name() -> str:
+    """How messages are signed: "kdzoo", or "kdzoo[rank N]" from the other processes of a DDP run."""
+    import os
+
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    return "kdzoo" if rank == "0" else f"kdzoo[rank {rank}]"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        args.argv = list(argv if argv is not None else sys.argv[1:])
         if args.version:
             from . import __version__
 
@@ -241,17 +294,17 @@ def main(argv: list[str] | None = None) -> int:
                    "leaderboard": _lazy("leaderboard", "cmd_leaderboard")}[args.command]
         return handler(args)
     except UserError as e:
-        print(f"kdzoo: error: {e}", file=sys.stderr)
+        print(f"{_name()}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kdzoo: interrupted", file=sys.stderr)
+        print(f"{_name()}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         from .engine import Interrupted
 
         if isinstance(e, Interrupted):
-            print(f"kdzoo: {e}", file=sys.stderr)
-            return 143 if "SIGTERM" in str(e) else 130
+            print(f"{_name()}: {e}", file=sys.stderr)
+            return e.exit_code
         raise
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import read_checkpoint, save_checkpoint
+from . import distributed
+from .checkpoint import read_checkpoint
 from .config import RunConfig, hash_recipe
 from .data import DataRequest, get_dataset
 from .data.loaders import to_float
@@ -41,6 +42,11 @@ CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
 class Interrupted(Exception):
     """The run was asked to stop (SIGINT/SIGTERM); a checkpoint has been written."""
 
+    def __init__(self, message: str, signal_name: str | None = None):
+        super().__init__(message)
+        # the shell's code for the signal; "terminated" when another DDP process got it
+        self.exit_code = 130 if signal_name == "SIGINT" else 143
+
 
 class NonFiniteLoss(UserError):
     """A loss term became NaN or Inf; the last good checkpoint is kept."""
@@ -58,11 +64,16 @@ class StopFlag:
 
 @contextlib.contextmanager
 def stop_on_signals(flag: StopFlag):
-    """SIGINT/SIGTERM set ``flag`` instead of killing the process mid-write."""
+    """SIGINT/SIGTERM set ``flag`` instead of killing the process mid-write.
+
+    The same signal twice (a second Ctrl-C) stops at once. A different one does not: after a
+    Ctrl-C in a terminal, torchrun forwards a SIGTERM to its workers, which are already saving.
+    """
     def handler(signum, frame):
-        if flag:  # a second signal: stop now
+        name = signal.Signals(signum).name
+        if flag and flag.signal_name == name:  # asked twice: stop now
             raise KeyboardInterrupt
-        flag.signal_name = signal.Signals(signum).name
+        flag.signal_name = flag.signal_name or name
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -79,10 +90,10 @@ def stop_on_signals(flag: StopFlag):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
+    return distributed.device_for(torch.device(name))
 
 
 @dataclass
@@ -134,7 +145,9 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
         cfg = dataclasses.replace(cfg, teacher=None, teacher_checkpoint=None, teacher_pretrained=False)
     cfg = cfg.resolved()
     device = resolve_device(cfg.device)
-    run_dir = RunDir.for_run(cfg.output, cfg.run_id(), resume)
+    # rank 0 picks the folder (a fresh name is the first free one: ranks must not race for it)
+    run_dir = RunDir(distributed.on_main(lambda: RunDir.for_run(cfg.output, cfg.run_id(), resume).path),
+                     writer=distributed.is_main())
 
     spec = get_dataset(cfg.dataset)
     data = spec.build(DataRequest(
@@ -143,6 +156,13 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
     ))
     if len(data.train) == 0:
         raise UserError(f"the training set has fewer images than one batch ({cfg.batch_size}); lower --batch-size")
+    world = distributed.world_size()
+    if world > 1:
+        if cfg.batch_size % world:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
+                            f"{world} processes; pass a multiple of {world}")
+        data.train.shard(distributed.rank(), world)
+        data.test.shard(distributed.rank(), world)
     data.train.to(device)
     data.test.to(device)
 
@@ -187,6 +207,9 @@ def evaluate(model: nn.Module, loader, normalize, device, amp: bool, channels_la
             loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += len(targets)
     model.train(was_training)
+    # each process saw its share of the test set: add the sums up over processes
+    totals = distributed.all_reduce_sum(torch.tensor([correct1, correct5, loss_sum, count], dtype=torch.float64, device=device))
+    correct1, correct5, loss_sum, count = totals.tolist()
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count}
 
 
@@ -232,9 +255,9 @@ def run(cfg: RunConfig, resume: bool = False, console=None, stop: StopFlag | Non
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
     ctx = build(cfg, resume, console, stop)
-    if ctx.run_dir.is_complete():
+    if distributed.on_main(ctx.run_dir.is_complete):
         console.print(f"run {ctx.run_dir.path} is already complete; not training again")
-        return ctx.run_dir.read_result()
+        return distributed.on_main(ctx.run_dir.read_result)
     return Trainer(ctx, console, stop).fit(resume)
 
 
@@ -254,6 +277,10 @@ class Trainer:
             self.teacher.eval()
             self.teacher.requires_grad_(False)
         self.params = [p for p in [*self.student.parameters(), *self.method.parameters()] if p.requires_grad]
+        self.world = distributed.world_size()
+        # under DDP one wrapper holds student + method, so backward averages both over processes
+        self.forward = distributed.data_parallel(self.student, self.method, self._forward, device,
+                                                 type(self.method).some_parameters_unused)
         self.optimizer = build_optimizer(self.params, cfg)
         self.steps_per_epoch = len(ctx.data.train)
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, cfg)
@@ -281,14 +308,16 @@ class Trainer:
             "rows": self.rows, "sums": self.sums,
             "train_seconds": self.train_seconds, "images_seen": self.images_seen,
             "rng": _rng_state(self.device),
+            "rng_ranks": distributed.gather(_rng_state(self.device)),  # each process its own stream
             "model": self.cfg.model, "method_name": self.cfg.method,
         }
 
     def save_last(self) -> None:
-        save_checkpoint(self.ctx.run_dir.last, self._state())
+        """Called on every rank (the RNG states are gathered); only rank 0 writes."""
+        self.ctx.run_dir.save_checkpoint("last.pt", self._state())
 
     def _load(self, path) -> None:
-        state = read_checkpoint(path, "checkpoint")
+        state = distributed.on_main(lambda: read_checkpoint(path, "checkpoint"))
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{path} is not a kdzoo training checkpoint; delete it or start without --resume")
         try:
@@ -303,18 +332,24 @@ class Trainer:
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
         self.rows, self.sums = list(state["rows"]), dict(state["sums"])
         self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
-        _set_rng_state(state["rng"], self.device)
+        rng_ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(rng_ranks) == self.world:
+            _set_rng_state(rng_ranks[distributed.rank()], self.device)
+        else:  # a different process count cannot continue the same random streams
+            self.console.print(f"[yellow]note:[/] {path} was written by {len(rng_ranks)} process(es), this run has "
+                               f"{self.world}: the data order is the same but augmentation draws differ from an uninterrupted run")
+            torch.manual_seed(self.cfg.seed + 1 + 1000 * distributed.rank() + self.global_step)
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self, resume: bool) -> dict[str, Any]:
         ctx, cfg = self.ctx, self.cfg
         run_dir = ctx.run_dir
         run_dir.create()
-        if resume and run_dir.last.is_file():
+        if resume and distributed.on_main(run_dir.last.is_file):
             self._load(run_dir.last)
             self.console.print(f"resuming {run_dir.path.name} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
         else:
-            torch.manual_seed(cfg.seed + 1)
+            torch.manual_seed(cfg.seed + 1 + 1000 * distributed.rank())  # rank 0: the single-process stream
         run_dir.write_config(self._config_record())
         start = time.perf_counter()
         handles = self.method.install(self.student, self.teacher)
@@ -325,10 +360,18 @@ class Trainer:
                 while self.epoch < cfg.epochs and self.global_step < self.total_steps:
                     self._train_epoch()
                     self._end_epoch()
+        except torch.OutOfMemoryError:
+            raise UserError(
+                f"out of memory on {self.device} at --batch-size {cfg.batch_size} ({cfg.model}"
+                f"{' + ' + cfg.teacher if cfg.teacher else ''}, {cfg.method}); pass a smaller --batch-size "
+                f"(e.g. {max(1, cfg.batch_size // 2)}) or keep --amp on; the last good checkpoint is {run_dir.last}"
+            ) from None
         finally:
             for handle in handles:
                 handle.remove()
-        return self._finish(time.perf_counter() - start)
+        result = self._finish(time.perf_counter() - start)
+        distributed.barrier()  # the files rank 0 wrote are complete before any rank reads them
+        return result
 
     def _train_epoch(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -361,8 +404,11 @@ class Trainer:
                 self.global_step += 1
                 self.images_seen += n_images
                 last = self.step_in_epoch >= steps_this_epoch
-                if self.global_step % 10 == 0 or last or self.stop:
-                    self._flush(pending)  # one host sync per 10 steps
+                # a signal is acted on at once in one process; under DDP at the next flush, where all
+                # processes agree on it (one rank stopping alone would hang the others)
+                stopping = False
+                if self.global_step % 10 == 0 or last or (self.stop and self.world == 1):
+                    stopping = self._flush(pending)  # one host sync per 10 steps
                     if sync:
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
@@ -372,18 +418,29 @@ class Trainer:
                     info = "  ".join(f"{k} {v / steps:.3f}" for k, v in self.sums.items() if not k.startswith("_"))
                     rate = self.images_seen / max(self.train_seconds, 1e-9)
                     progress.update(task, completed=self.step_in_epoch, info=f"{info}  {rate:.0f} img/s")
-                if self.stop:
+                if stopping:
                     self.save_last()
                     raise Interrupted(
-                        f"stopped by {self.stop.signal_name} at epoch {self.epoch + 1}, step {self.step_in_epoch}; "
-                        f"checkpoint saved to {self.ctx.run_dir.last}; continue with the same command plus --resume"
+                        f"stopped by {self.stop.signal_name or 'a signal to another process'} at epoch {self.epoch + 1}, step {self.step_in_epoch}; "
+                        f"checkpoint saved to {self.ctx.run_dir.last}; continue with the same command plus --resume",
+                        self.stop.signal_name,
                     )
 
-    def _flush(self, pending: dict[str, Tensor]) -> None:
-        if not pending:
-            return
+    def _flush(self, pending: dict[str, Tensor]) -> bool:
+        """Add the pending loss terms to the epoch sums and check them; True when a stop was asked.
+
+        Under DDP the terms are averaged over processes (counts such as ``_correct`` summed) in
+        the same collective that tells every process whether any of them received a signal.
+        """
         names = list(pending)
-        values = torch.stack([torch.as_tensor(pending[n], dtype=torch.float32, device=self.device) for n in names]).tolist()
+        values = torch.stack([torch.as_tensor(pending[n], dtype=torch.float32, device=self.device) for n in names]
+                             + [torch.tensor(1.0 if self.stop else 0.0, device=self.device)])
+        if self.world > 1:
+            distributed.all_reduce_sum(values)
+            means = torch.tensor([not n.startswith("_") for n in names] + [False], device=self.device)
+            values = torch.where(means, values / self.world, values)
+        *values, stop_votes = values.tolist()
+        pending.clear()
         for name, value in zip(names, values):
             if not math.isfinite(value):
                 raise NonFiniteLoss(
@@ -391,7 +448,7 @@ class Trainer:
                     f"the last good checkpoint is {self.ctx.run_dir.last}; lower --lr or the term's weight"
                 )
             self.sums[name] = self.sums.get(name, 0.0) + value
-        pending.clear()
+        return stop_votes > 0
 
     def _step(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], int, Tensor]:
         cfg, device = self.cfg, self.device
@@ -401,18 +458,7 @@ class Trainer:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
-            logits = self.student(images)
-            student = NetOutputs(logits, self.s_taps.pop())
-            teacher = None
-            if self.teacher is not None:
-                with torch.no_grad():
-                    t_logits = self.teacher(images)
-                teacher = NetOutputs(t_logits, self.t_taps.pop())
-            out = StepOutputs(student, targets, teacher, images, self.epoch, self.global_step,
-                              self.global_step / max(1, self.total_steps))
-            terms = self.method.loss(out)
-        if not terms:
-            raise RuntimeError(f"method {cfg.method!r} returned no loss terms")
+            logits, terms = self.forward(images, targets)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -422,10 +468,27 @@ class Trainer:
         detached["loss"] = loss.detach().float()
         hard = targets if not targets.dtype.is_floating_point else targets.argmax(dim=1)
         correct = logits.detach()[: len(hard)].argmax(dim=1).eq(hard).sum()
-        return detached, len(images), correct
+        return detached, len(images) * self.world, correct
+
+    def _forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Student and teacher forward passes and the method's loss terms (the part DDP wraps)."""
+        logits = self.student(images)
+        student = NetOutputs(logits, self.s_taps.pop())
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(images)
+            teacher = NetOutputs(t_logits, self.t_taps.pop())
+        out = StepOutputs(student, targets, teacher, images, self.epoch, self.global_step,
+                          self.global_step / max(1, self.total_steps))
+        terms = self.method.loss(out)
+        if not terms:
+            raise RuntimeError(f"method {self.cfg.method!r} returned no loss terms")
+        return logits, terms
 
     def _end_epoch(self) -> None:
         cfg, data = self.cfg, self.ctx.data
+        distributed.sync_buffers(self.student, self.method)  # evaluate and save rank 0's model
         metrics = evaluate(self.student, data.test, self.normalize, self.device, cfg.amp, self.channels_last)
         self.s_taps.pop()
         steps = max(1, self.sums.get("_steps", 0))
@@ -451,7 +514,7 @@ class Trainer:
         self.ctx.run_dir.write_metrics(self.rows)
         self.save_last()
         if improved:
-            save_checkpoint(self.ctx.run_dir.best, {
+            self.ctx.run_dir.save_checkpoint("best.pt", {
                 "format": CHECKPOINT_FORMAT + "-weights", "student": self.student.state_dict(),
                 "method": self.method.state_dict(), "epoch": self.epoch, "top1": metrics["top1"], "model": cfg.model,
             })
@@ -466,6 +529,7 @@ class Trainer:
             "data": {"num_classes": ctx.data.num_classes, "input_size": ctx.data.input_size,
                      "train_images": len(ctx.data.train) * self.cfg.batch_size, "augment": repr(ctx.data.augment)},
             "versions": versions(), "git_commit": git_commit(), "command": command_line(),
+            "world_size": self.world,
         }
 
     def _finish(self, wall: float) -> dict[str, Any]:
@@ -485,7 +549,7 @@ class Trainer:
             "train_img_per_s": self.images_seen / max(self.train_seconds, 1e-9),
             "ms_per_step": 1000 * self.train_seconds / steps,
             "peak_mem_mb": _peak_memory_mb(self.device), "device": str(self.device),
-            "wall_time_s": wall, "train_time_s": self.train_seconds,
+            "wall_time_s": wall, "train_time_s": self.train_seconds, "world_size": self.world,
             "recipe_hash": recipe_hash(self.cfg, self.ctx.method_config),
         }
         self.ctx.run_dir.write_result(result)

@@ -104,6 +104,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     tasks: ClassVar[tuple[str, ...]] = ("cls",)
     taps: Taps = Taps()
     summary: ClassVar[str] = ""
+    # True when some trainable parameter may get no gradient on some steps (an extra used only
+    # in some phases or settings). DDP must then search the graph for unused parameters each
+    # step, which costs time, so it is off unless a method says so.
+    some_parameters_unused: ClassVar[bool] = False
 
     @dataclass
     class Config:

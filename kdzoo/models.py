@@ -135,6 +135,12 @@ def load_weights(model: nn.Module, path: str, what: str = "checkpoint") -> dict:
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise UserError(f"{what} {path!r} holds no state_dict of tensors; pass a kdzoo checkpoint or a saved state_dict")
     weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+    classes = _checkpoint_classes(model, weights)
+    if classes is not None:
+        raise UserError(
+            f"{what} {path!r} was trained for {classes} classes but this run has "
+            f"{_classifier_weight(model).shape[0]}; pass a checkpoint trained on the same dataset"
+        )
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
@@ -145,3 +151,20 @@ def load_weights(model: nn.Module, path: str, what: str = "checkpoint") -> dict:
             "pass a checkpoint of the same architecture, class count and stem"
         ) from None
     return state if isinstance(state, dict) else {}
+
+
+def _classifier_weight(model: nn.Module) -> torch.Tensor | None:
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return getattr(classifier, "weight", None) if isinstance(classifier, nn.Module) else None
+
+
+def _checkpoint_classes(model: nn.Module, weights: dict) -> int | None:
+    """The class count of ``weights`` when it is the only thing that differs from ``model``'s classifier."""
+    own = _classifier_weight(model)
+    if own is None:
+        return None
+    name = next((k for k, v in model.named_parameters() if v is own), None)
+    theirs = weights.get(name) if name else None
+    if theirs is None or theirs.ndim != own.ndim or theirs.shape[0] == own.shape[0] or theirs.shape[1:] != own.shape[1:]:
+        return None
+    return int(theirs.shape[0])

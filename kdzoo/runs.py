@@ -3,6 +3,10 @@
 ``<output>/<run-id>/`` holds ``config.json`` (everything needed to re-run it), ``metrics.csv``
 (one row per epoch), ``result.json`` (final figures; a run without it is incomplete),
 ``last.pt`` and ``best.pt``. Every file is replaced atomically.
+
+Under data parallelism every process holds a ``RunDir`` for the same folder, but only rank 0's
+is a *writer*: the others' writes are no-ops, so the engine calls the same methods on every
+rank and exactly one copy of each file is written.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_json, atomic_write_text
+from .checkpoint import TEMP_SUFFIX, atomic_write_json, atomic_write_text, save_checkpoint
 from .errors import UserError
 
 
@@ -39,8 +44,9 @@ def git_commit() -> str | None:
 
 
 class RunDir:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
 
     # -- locating ------------------------------------------------------------------------
     @classmethod
@@ -51,7 +57,7 @@ class RunDir:
             output.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create output folder {str(output)!r} ({e.strerror}); pass a writable --output DIR") from None
-        if not os.access(output, os.W_OK):
+        if not _writable(output):
             raise UserError(f"output folder {str(output)!r} is not writable; pass a writable --output DIR")
         candidates = [output / run_id] + [output / f"{run_id}-{i}" for i in range(2, 1000)]
         if resume:
@@ -63,7 +69,12 @@ class RunDir:
         raise UserError(f"too many runs named {run_id!r} in {output}; pass --run-name")
 
     def create(self) -> None:
+        """Make the folder; remove temporary files a killed process left half-written in it."""
+        if not self.writer:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob(f".*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
 
     # -- files ---------------------------------------------------------------------------
     @property
@@ -85,13 +96,21 @@ class RunDir:
         return json.loads(self.result_path.read_text())
 
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_json(self.path / "config.json", config)
+        if self.writer:
+            atomic_write_json(self.path / "config.json", config)
 
     def write_result(self, result: dict[str, Any]) -> None:
-        atomic_write_json(self.result_path, result)
+        if self.writer:
+            atomic_write_json(self.result_path, result)
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
+        if self.writer:
+            save_checkpoint(self.path / name, state)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite metrics.csv with every row so far (atomic; columns are the union of keys)."""
+        if not self.writer:
+            return
         columns: list[str] = []
         for row in rows:
             columns += [k for k in row if k not in columns]
@@ -101,6 +120,18 @@ class RunDir:
         for row in rows:
             writer.writerow({k: _fmt(row.get(k)) for k in columns})
         atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can really be created in ``folder`` (``os.access`` says yes to root on a
+    read-only mount, and says nothing about a full quota)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kdzoo-write-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def _fmt(value: Any) -> Any:

@@ -53,18 +53,23 @@ def obtain_teacher(cfg: RunConfig, data, device: torch.device, console, stop=Non
 
 
 def _cached_teacher(cfg: RunConfig, data, console, stop=None) -> tuple[nn.Module, float, str]:
+    import contextlib
+
+    from . import distributed
     from .engine import run as run_training
     from .locks import file_lock
     from .runs import RunDir
 
     tcfg = teacher_run_config(cfg, pretrained_init=cfg.teacher_pretrained).resolved()
     # One process trains a given teacher; another that needs it meanwhile (parallel bench cells)
-    # waits for the lock and then finds it cached.
-    run_dir = RunDir.for_run(tcfg.output, tcfg.run_id(), resume=True)
+    # waits for the lock and then finds it cached. Under DDP rank 0 alone holds the lock and
+    # decides; all ranks then train the teacher together (or all load it).
+    run_dir = RunDir(distributed.on_main(lambda: RunDir.for_run(tcfg.output, tcfg.run_id(), resume=True).path))
     lock = Path(tcfg.output) / f"{tcfg.run_id()}.lock"
-    with file_lock(lock, on_wait=lambda: console.print(f"waiting for another process that is training the teacher {lock.stem}")):
-        if run_dir.is_complete() and run_dir.last.is_file():
-            result = run_dir.read_result()
+    on_wait = lambda: console.print(f"waiting for another process that is training the teacher {lock.stem}")  # noqa: E731
+    with file_lock(lock, on_wait=on_wait) if distributed.is_main() else contextlib.nullcontext():
+        if distributed.on_main(lambda: run_dir.is_complete() and run_dir.last.is_file()):
+            result = distributed.on_main(run_dir.read_result)
             console.print(f"using the cached teacher {run_dir.path}")
         else:
             console.print(

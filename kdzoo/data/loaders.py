@@ -15,13 +15,31 @@ import torch
 from torch import Tensor
 
 
+def rank_part(batch: Tensor, rank: int, world: int) -> Tensor:
+    """This rank's share of one global batch (contiguous; the first ``len % world`` ranks get one more).
+
+    Every rank draws the same global order from (seed, epoch), so the N shares of a batch are
+    disjoint and together are exactly the batch a single process would take.
+    """
+    return batch.tensor_split(world)[rank] if world > 1 else batch
+
+
 class InMemoryLoader:
-    """Shuffled mini-batches of a tensor dataset; the order is a function of (seed, epoch)."""
+    """Shuffled mini-batches of a tensor dataset; the order is a function of (seed, epoch).
+
+    Under data parallelism (:meth:`shard`) ``batch_size`` stays the global batch and each
+    process yields its share of every batch.
+    """
 
     def __init__(self, images: Tensor, targets: Tensor, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
         self.images, self.targets = images, targets
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.epoch = 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> InMemoryLoader:
+        self.rank, self.world = rank, world
+        return self
 
     def to(self, device) -> InMemoryLoader:
         self.images, self.targets = self.images.to(device), self.targets.to(device)
@@ -42,20 +60,32 @@ class InMemoryLoader:
         else:
             order = torch.arange(n, device=self.images.device)
         for i in range(skip, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.images[idx], self.targets[idx]
+            idx = rank_part(order[i * self.batch_size:(i + 1) * self.batch_size], self.rank, self.world)
+            if len(idx):  # a short last test batch may leave a rank nothing
+                yield self.images[idx], self.targets[idx]
 
     def __iter__(self):
         return self.batches()
 
 
 class TorchLoader:
-    """A DataLoader for datasets too large for memory (image folders)."""
+    """A DataLoader for datasets too large for memory (image folders).
+
+    The batches are drawn here, from (seed, epoch), and handed to the DataLoader as a batch
+    sampler: that makes the order reproducible, lets ``--resume`` skip the batches already seen,
+    and (after :meth:`shard`) gives each process its share of every global batch — what a
+    DistributedSampler does, with the same per-epoch seeding on every rank.
+    """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 2, drop_last: bool = False):
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.workers, self.drop_last, self.epoch = workers, drop_last, 0
         self.device = torch.device("cpu")
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> TorchLoader:
+        self.rank, self.world = rank, world
+        return self
 
     def to(self, device) -> TorchLoader:
         self.device = torch.device(device)
@@ -69,12 +99,14 @@ class TorchLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def batches(self, skip: int = 0):
+        n = len(self.dataset)
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        sampler = torch.randperm(len(self.dataset), generator=g).tolist() if self.shuffle else range(len(self.dataset))
-        sampler = list(sampler)[skip * self.batch_size:]
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        parts = (rank_part(order[i * self.batch_size:(i + 1) * self.batch_size], self.rank, self.world)
+                 for i in range(skip, len(self)))
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers,
-            drop_last=self.drop_last, pin_memory=self.device.type == "cuda", persistent_workers=False,
+            self.dataset, batch_sampler=[p.tolist() for p in parts if len(p)], num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
         for images, targets in loader:
             yield images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
