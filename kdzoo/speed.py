@@ -204,10 +204,13 @@ class SpeedBench:
         method = self.method
         taps = method.taps
         copies = {name: copy.deepcopy(student) for name in ("student_step", "hooked_step")}
+        self.networks = {"student_step": copies["student_step"], "method_step": student,
+                         "hooked_step": copies["hooked_step"]}  # each phase's own student
         phases = [Phase("student_step", *self._step(self.baseline_cls(), copies["student_step"], None,
                                                     self.plain_loader, (), (), install=False))]
         if teacher is not None:
-            phases.append(Phase("teacher_forward", *self._teacher_phase(copy.deepcopy(teacher))))
+            self.networks["teacher_forward"] = copy.deepcopy(teacher)
+            phases.append(Phase("teacher_forward", *self._teacher_phase(self.networks["teacher_forward"])))
         phases.append(Phase("method_step", *self._step(method, student, teacher, self.data.train,
                                                        taps.student, taps.teacher, install=True)))
         phases.append(Phase("hooked_step", *self._step(self.baseline_cls(), copies["hooked_step"], None,
@@ -225,8 +228,7 @@ class SpeedBench:
             torch.cuda.synchronize(self.device)
 
     def measure(self, steps: int, rounds: int, warmup: int, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-        if steps < 1 or rounds < 1 or warmup < 0:
-            raise UserError("--steps and --rounds must be at least 1 and --warmup at least 0")
+        _check_counts(steps, rounds, warmup)
         rounds = min(rounds, steps)
         per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
         cuda = self.device.type == "cuda"
@@ -296,8 +298,15 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _check_counts(steps: int, rounds: int, warmup: int) -> None:
+    if steps < 1 or rounds < 1 or warmup < 0:
+        raise UserError(f"--steps and --rounds must be at least 1 and --warmup at least 0 "
+                        f"(got {steps}, {rounds}, {warmup})")
+
+
 def measure(cfg: RunConfig, steps: int = 10, rounds: int = 10, warmup: int = 2, progress=None) -> dict[str, Any]:
     """Build the phases for ``cfg``, time them and return the report (see the module docstring)."""
+    _check_counts(steps, rounds, warmup)
     bench = SpeedBench(cfg)
     try:
         return bench.measure(steps, rounds, warmup, progress)

@@ -53,16 +53,18 @@ def prepare_networks(student: nn.Module | None, teacher: nn.Module | None, metho
         torch.backends.cudnn.benchmark = True
 
 
-def compile_networks(student: nn.Module, teacher: nn.Module | None) -> tuple[nn.Module, nn.Module | None]:
+def compile_networks(student: nn.Module, teacher: nn.Module | None,
+                     backend: str = "inductor") -> tuple[nn.Module, nn.Module | None]:
     """Compiled forwards of the student and, separately, of the teacher.
 
     Call this only after every hook (the taps, a method's ``install``) is registered: hooks
     present at compile time are traced into the graph, hooks added later may be ignored.
-    The modules themselves are left as they are, so checkpoints keep their plain parameter
-    names and evaluation runs eagerly.
+    The teacher is compiled on its own (it is only ever called under ``no_grad``), so its
+    graph holds no autograd bookkeeping. The modules themselves are left as they are, so
+    checkpoints keep their plain parameter names and evaluation runs eagerly.
     """
-    compiled_teacher = torch.compile(teacher) if teacher is not None else None
-    return torch.compile(student), compiled_teacher
+    compiled_teacher = torch.compile(teacher, backend=backend) if teacher is not None else None
+    return torch.compile(student, backend=backend), compiled_teacher
 
 
 @dataclass
