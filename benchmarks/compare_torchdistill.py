@@ -35,6 +35,7 @@ import statistics
 import time
 
 import torch
+from results_md import header, write_section
 
 from kdzoo.config import RunConfig
 from kdzoo.data.loaders import to_float
@@ -190,10 +191,20 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a Markdown table")
+    parser.add_argument("--write", default=None, metavar="RESULTS.md", help="also write the table into this file")
     args = parser.parse_args()
     args.rounds = max(1, min(args.rounds, args.steps))
     rows = [compare(method, args) for method in args.methods.split(",")]
-    print(json.dumps(rows, indent=2) if args.json else markdown(rows))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    r = rows[0]
+    text = (f"{header(r['device'])}\n{r['model']} ← {r['teacher']} on shapes at {r['input_size']} px, batch "
+            f"{r['batch_size']}, amp={r['amp']}, channels_last={r['channels_last']}; {args.steps} timed steps per side "
+            f"in {args.rounds} interleaved rounds after {args.warmup} warm-up steps; medians.\n\n{markdown(rows)}\n")
+    print(text)
+    if args.write:
+        write_section(args.write, "torchdistill", text)
 
 
 if __name__ == "__main__":

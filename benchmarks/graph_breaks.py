@@ -18,6 +18,7 @@ import argparse
 import functools
 
 import torch
+from results_md import header, write_section
 from torch._dynamo.utils import counters
 
 from kdzoo import speed
@@ -61,16 +62,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps that compile")
     parser.add_argument("--steps", type=int, default=3, help="steps after the warm-up that must not compile again")
     parser.add_argument("--backend", default="eager", help="eager (tracing only, fast) or inductor")
+    parser.add_argument("--write", default=None, metavar="RESULTS.md", help="also write the table into this file")
     args = parser.parse_args()
     speed.compile_networks = functools.partial(compile_networks, backend=args.backend)
     methods = args.methods.split(",") if args.methods else method_names()
-    print(f"| method | graph breaks while compiling | graphs | breaks / graphs after warm-up | reasons |")
-    print("|---|---|---|---|---|")
+    lines = ["| method | graph breaks while compiling | graphs compiled | breaks / graphs after warm-up | reasons |",
+             "|---|---|---|---|---|"]
     for method in methods:
         r = check(method, args)
         reasons = "; ".join(r["reasons"]) or "-"
-        print(f"| {method} | {r['graph_breaks']} | {r['graphs']} | {r['breaks_after_warmup']} / "
-              f"{r['graphs_after_warmup']} | {reasons} |")
+        lines.append(f"| {method} | {r['graph_breaks']} | {r['graphs']} | {r['breaks_after_warmup']} / "
+                     f"{r['graphs_after_warmup']} | {reasons} |")
+    text = (f"{header(args.device)}\n{args.model} ← {args.teacher} at {args.input_size} px, backend {args.backend}, "
+            f"{args.warmup} compiling steps then {args.steps} more.\n\n" + "\n".join(lines) + "\n")
+    print(text)
+    if args.write:
+        write_section(args.write, "graph-breaks", text)
 
 
 if __name__ == "__main__":
