@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import logging
 import statistics

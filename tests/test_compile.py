@@ -10,7 +10,6 @@ generating C++ on two cores. ``test_inductor_*`` repeats the check with inductor
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
