@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     _bool_flag(run, "amp", "bf16 autocast on CUDA (default on)")
     _bool_flag(run, "channels-last", "channels_last memory format (default on)")
+    _bool_flag(run, "compile", "torch.compile the student after its hooks are registered, and the teacher separately")
     _bool_flag(run, "small-input-stem", "3x3 stride-1 stem without max-pool for ResNets (default: on for inputs <= 64 px)")
     _bool_flag(run, "pretrained", "initialise the student from timm's pretrained weights (needs internet once)")
     run.add_argument("--teacher-checkpoint", default=None, help="teacher weights: a kdzoo checkpoint or a state_dict")
@@ -92,6 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--jobs", type=int, default=1, help="cells at once, each in a subprocess (default 1: in this process)")
     bench.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     bench.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
+
+    speed = sub.add_parser("speed", help="time a method's step against the student step and teacher forward it is made of")
+    speed.add_argument("--method", default="kd", help="the method to measure (default kd)")
+    speed.add_argument("--model", default=None, help="student: any timm model name (default resnet18)")
+    speed.add_argument("--teacher", default=None, help="teacher: any timm model name (randomly initialised)")
+    speed.add_argument("--dataset", default=None, help="an in-memory dataset: shapes (default), cifar10, cifar100")
+    speed.add_argument("--data-root", default=None)
+    speed.add_argument("--input-size", type=int, default=None)
+    speed.add_argument("--train-size", type=int, default=None, help="images held on the device (default 16 batches)")
+    speed.add_argument("--batch-size", type=int, default=None)
+    speed.add_argument("--steps", type=int, default=20, help="timed steps per phase (default 20)")
+    speed.add_argument("--rounds", type=int, default=10, help="interleaved rounds the steps are split into (default 10)")
+    speed.add_argument("--warmup", type=int, default=3, help="untimed steps per phase first (default 3)")
+    speed.add_argument("--seed", type=int, default=None)
+    speed.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    _bool_flag(speed, "amp", "bf16 autocast on CUDA (default on)")
+    _bool_flag(speed, "channels-last", "channels_last memory format (default on)")
+    _bool_flag(speed, "compile", "torch.compile the student (hooks registered first) and the teacher")
+    _bool_flag(speed, "small-input-stem", "3x3 stride-1 stem without max-pool for ResNets (default: on for inputs <= 64 px)")
+    speed.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    speed.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a method hyperparameter (repeatable)")
+    speed.add_argument("--config", default=None, help="TOML file with run settings and a [method] table")
+    speed.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
+    speed.add_argument("--json", action="store_true", help="print the measurement as JSON on stdout")
+    speed.set_defaults(resume=False)
 
     board = sub.add_parser("leaderboard", help="group the runs under a folder by recipe: mean ± std over seeds")
     board.add_argument("--runs", default="runs", help="folder to scan recursively (default runs/)")
@@ -291,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks, "bench": _lazy("bench", "cmd_bench"),
-                   "leaderboard": _lazy("leaderboard", "cmd_leaderboard")}[args.command]
+                   "leaderboard": _lazy("leaderboard", "cmd_leaderboard"), "speed": _lazy("speed", "cmd_speed")}[args.command]
         return handler(args)
     except UserError as e:
         print(f"{_name()}: error: {e}", file=sys.stderr)

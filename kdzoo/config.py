@@ -43,6 +43,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     channels_last: bool = True
+    compile: bool = False  # torch.compile the student (after its hooks) and, separately, the teacher
     small_input_stem: bool | None = None
     pretrained: bool = False
     teacher_checkpoint: str | None = None
@@ -71,7 +72,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     # settings that do not change the result (where it runs, how it is named, how fast)
-    _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download")
+    _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download", "compile")
 
     def recipe_hash(self) -> str:
         """A short hash of every setting that changes the result (not where it runs)."""

@@ -153,7 +153,7 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-class TrainStep(nn.Module):
+class StudentAndMethod(nn.Module):
     """The student and the method as one module, so one DDP wrapper covers both.
 
     Its forward is the engine's step function (student forward, teacher forward, method loss),
@@ -184,7 +184,7 @@ def data_parallel(student: nn.Module, method: nn.Module, step: Callable, device:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(TrainStep(student, method, step), device_ids=ids,
+    return DistributedDataParallel(StudentAndMethod(student, method, step), device_ids=ids,
                                    find_unused_parameters=find_unused_parameters)
 
 

@@ -29,12 +29,14 @@ from .data import DataRequest, get_dataset
 from .data.loaders import to_float
 from .errors import UserError
 from .hooks import FeatureTaps
-from .method import Method, NetOutputs, StepOutputs
+from .method import Method
 from .models import check_model_name, create_model, model_info, parameter_count
 from .optim import build_optimizer, build_scheduler
 from .registry import get_method
 from .runs import RunDir, command_line, git_commit, versions
 from .settings import apply_overrides
+from .step import TrainStep, compile_networks, prepare_networks
+from .step import autocast as _autocast
 
 CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
 
@@ -213,12 +215,6 @@ def evaluate(model: nn.Module, loader, normalize, device, amp: bool, channels_la
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count}
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class Normalize:
     def __init__(self, mean, std, device):
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
@@ -268,19 +264,9 @@ class Trainer:
         self.cfg, self.device = cfg, device
         self.student, self.teacher, self.method = ctx.student, ctx.teacher, ctx.method
         self.channels_last = cfg.channels_last
-        if self.channels_last:
-            self.student.to(memory_format=torch.channels_last)
-            self.method.to(memory_format=torch.channels_last)  # its convs read the student's channels_last maps
-            if self.teacher is not None:
-                self.teacher.to(memory_format=torch.channels_last)
-        if self.teacher is not None:
-            self.teacher.eval()
-            self.teacher.requires_grad_(False)
+        prepare_networks(self.student, self.teacher, self.method, self.channels_last, device)
         self.params = [p for p in [*self.student.parameters(), *self.method.parameters()] if p.requires_grad]
         self.world = distributed.world_size()
-        # under DDP one wrapper holds student + method, so backward averages both over processes
-        self.forward = distributed.data_parallel(self.student, self.method, self._forward, device,
-                                                 type(self.method).some_parameters_unused)
         self.optimizer = build_optimizer(self.params, cfg)
         self.steps_per_epoch = len(ctx.data.train)
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, cfg)
@@ -357,6 +343,7 @@ class Trainer:
             with FeatureTaps(self.student, self.method.taps.student) as s_taps, \
                     (FeatureTaps(self.teacher, self.method.taps.teacher) if self.teacher is not None else contextlib.nullcontext()) as t_taps:
                 self.s_taps, self.t_taps = s_taps, t_taps
+                self.train_step = self._train_step(s_taps, t_taps)
                 while self.epoch < cfg.epochs and self.global_step < self.total_steps:
                     self._train_epoch()
                     self._end_epoch()
@@ -450,41 +437,22 @@ class Trainer:
             self.sums[name] = self.sums.get(name, 0.0) + value
         return stop_votes > 0
 
-    def _step(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], int, Tensor]:
-        cfg, device = self.cfg, self.device
-        images = to_float(images)
-        images, targets = self.method.prepare_batch(images, targets, self.ctx.data.augment)
-        images = self.normalize(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, cfg.amp):
-            logits, terms = self.forward(images, targets)
-        loss = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        detached = {name: value.detach().float() for name, value in terms.items()}
-        detached["loss"] = loss.detach().float()
-        hard = targets if not targets.dtype.is_floating_point else targets.argmax(dim=1)
-        correct = logits.detach()[: len(hard)].argmax(dim=1).eq(hard).sum()
-        return detached, len(images) * self.world, correct
+    def _train_step(self, s_taps: FeatureTaps, t_taps: FeatureTaps | None) -> TrainStep:
+        """The shared step (kdzoo.step), built once the hooks are in place, so --compile traces them."""
+        student, teacher = self.student, self.teacher
+        if self.cfg.compile:
+            student, teacher = compile_networks(student, teacher)
+        step = TrainStep(student, teacher, self.method, s_taps, t_taps, self.optimizer, self.scheduler,
+                         self.normalize, self.ctx.data.augment, self.device, self.cfg.amp, self.channels_last)
+        # under DDP one wrapper holds student + method, so backward averages both over processes
+        step.forward = distributed.data_parallel(self.student, self.method, step.forward_loss, self.device,
+                                                 type(self.method).some_parameters_unused)
+        return step
 
-    def _forward(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student and teacher forward passes and the method's loss terms (the part DDP wraps)."""
-        logits = self.student(images)
-        student = NetOutputs(logits, self.s_taps.pop())
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_logits = self.teacher(images)
-            teacher = NetOutputs(t_logits, self.t_taps.pop())
-        out = StepOutputs(student, targets, teacher, images, self.epoch, self.global_step,
-                          self.global_step / max(1, self.total_steps))
-        terms = self.method.loss(out)
-        if not terms:
-            raise RuntimeError(f"method {self.cfg.method!r} returned no loss terms")
-        return logits, terms
+    def _step(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], int, Tensor]:
+        terms, n_images, correct = self.train_step(images, targets, self.epoch, self.global_step,
+                                                   self.global_step / max(1, self.total_steps))
+        return terms, n_images * self.world, correct  # images over all processes
 
     def _end_epoch(self) -> None:
         cfg, data = self.cfg, self.ctx.data

@@ -25,7 +25,7 @@ def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConf
         method="baseline", model=cfg.teacher, dataset=cfg.dataset, data_root=cfg.data_root, download=cfg.download,
         input_size=cfg.input_size, train_size=cfg.train_size, test_size=cfg.test_size, batch_size=cfg.batch_size,
         epochs=cfg.teacher_epochs, seed=0, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
-        small_input_stem=cfg.small_input_stem, workers=cfg.workers,
+        compile=cfg.compile, small_input_stem=cfg.small_input_stem, workers=cfg.workers,
         output=str(Path(cfg.output) / "teachers"),
         pretrained=pretrained_init,
     )

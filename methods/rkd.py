@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.errors import UserError
 from kdzoo.method import Method, StepOutputs, Taps, cross_entropy
 from kdzoo.registry import register_method
 

@@ -1,0 +1,102 @@
+"""`kdzoo speed --json` for every built-in method, as one table (and optionally into RESULTS.md).
+
+Each method runs in its own process (a fresh allocator and thread pool for each). The targets
+are those of the project's speed issue: ``hook_overhead`` ≤ 1.03 everywhere; ``overhead`` ≤ 1.10
+for logit and embedding methods (kd, relational_kd, ccd and kd_jda, whose plain phases see both
+views), ≤ 1.15 for feature methods (nfd, lakd). FRSKD has no teacher: its line is the cost of its
+self-teacher over the plain step, reported without a target; baseline's line shows the noise
+floor (its method step *is* the plain step, so its ratios should be 1.00).
+
+    python benchmarks/speed_all.py [--model resnet18 --teacher resnet34] [--batch-size 32]
+        [--steps 10 --rounds 5 --warmup 2] [--device auto] [--compile] [--write benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from results_md import header, write_section
+
+TARGETS = {"kd": 1.10, "relational_kd": 1.10, "ccd": 1.10, "kd_jda": 1.10, "nfd": 1.15, "lakd": 1.15}
+HOOK_TARGET = 1.03
+MEMORY_TARGET = 1.10
+METHODS = ["baseline", "kd", "relational_kd", "ccd", "kd_jda", "nfd", "lakd", "frskd"]
+
+
+def run_one(method: str, args) -> dict:
+    command = ["kdzoo", "speed", "--method", method, "--model", args.model, "--teacher", args.teacher,
+               "--input-size", str(args.input_size), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--device", args.device, "--json"]
+    if args.compile:
+        command.append("--compile")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def verdict(value: float | None, target: float | None) -> str:
+    if value is None:
+        return "not measured"
+    if target is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} {'✓' if value <= target else '✗ (target ≤ %.2f)' % target}"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| method | images / pass | (a) student step ms | (b) teacher fwd ms | (c) method step ms "
+             "| (d) hooked step ms | (c) img/s | overhead (c)/((a)+(b)) | hook_overhead (d)/(a) "
+             "| peak memory (c)/((a)+(b)) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        p = r["phases"]
+        b = f"{p['teacher_forward']['ms_per_step']:.1f}" if "teacher_forward" in p else "–"
+        name = r["method"] if r["teacher"] or r["method"] == "baseline" else f"{r['method']} (self-teacher cost: (c)/(a))"
+        if r["method"] == "baseline":
+            name = "baseline (noise floor: (c) is (a))"
+        lines.append(
+            f"| {name} | {r['images_per_pass']} | {p['student_step']['ms_per_step']:.1f} | {b} "
+            f"| {p['method_step']['ms_per_step']:.1f} | {p['hooked_step']['ms_per_step']:.1f} "
+            f"| {p['method_step']['img_per_s']:.1f} | {verdict(r['overhead'], TARGETS.get(r['method']))} "
+            f"| {verdict(r['hook_overhead'], HOOK_TARGET)} "
+            f"| {verdict(r['memory_ratio'], MEMORY_TARGET if r['memory_ratio'] is not None else None)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--teacher", default="resnet34")
+    parser.add_argument("--input-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--write", default=None, metavar="RESULTS.md", help="also write the table into this file")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also save every raw measurement")
+    args = parser.parse_args()
+    results = []
+    for method in args.methods.split(","):
+        print(f"measuring {method} ...", file=sys.stderr, flush=True)
+        results.append(run_one(method, args))
+    first = results[0]
+    text = (f"{header(first['device'])}\n{args.model} ← {args.teacher} on shapes at {first['input_size']} px, batch "
+            f"{args.batch_size}; {args.steps} timed steps per phase in {args.rounds} interleaved rounds after "
+            f"{args.warmup} warm-up steps; medians. amp={first['amp']}, channels_last={first['channels_last']}, "
+            f"compile={first['compile']}. Ratios are of time per step.\n\n{table(results)}\n")
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if args.write:
+        write_section(args.write, "speed" + ("-compile" if args.compile else ""), text)
+
+
+if __name__ == "__main__":
+    main()
