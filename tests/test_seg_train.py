@@ -77,3 +77,11 @@ def test_list_methods_shows_the_tasks_and_segmentation_defaults(capsys, monkeypa
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
     assert "cls,seg" in out and "(seg: 50.0)" in out
+
+
+def test_hooks_lists_the_decoder_tap_of_a_segmentation_model(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["hooks", "--model", "test_resnet", "--task", "seg", "--input-size", "33"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone.layer1" in out and "decoder" in out
+    assert "128×9×9" in out and "10×33×33" in out   # decoder at stage 1's stride 4; logits at the input size
