@@ -35,6 +35,7 @@ from .errors import UserError
 from .locks import try_lock, unlock
 from .runs import RunDir
 from .suite import Suite, cell_id, load_suite
+from .tasks import get_task
 
 EXIT_FAILED_CELLS = 3
 
@@ -253,7 +254,8 @@ class Scheduler:
         if cell.state == "complete" and cell.result:
             r = cell.result
             elapsed = time.monotonic() - cell.extra.get("started", time.monotonic())
-            self.console.print(f"{prefix} [green]done[/] top-1 {r['top1']:.2f}% in {elapsed:.0f} s")
+            task = get_task(r.get("task", "cls"))
+            self.console.print(f"{prefix} [green]done[/] {task.label} {r[task.score]:.2f}% in {elapsed:.0f} s")
         elif cell.state == "failed":
             self.console.print(f"{prefix} [red]failed[/]: {cell.error}", soft_wrap=True)
         elif cell.state == "interrupted":

@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", default=None, help="distillation method (see `kdzoo list methods`); default baseline")
     run.add_argument("--model", default=None, help="student: any timm model name (default resnet18)")
     run.add_argument("--teacher", default=None, help="teacher: any timm model name")
-    run.add_argument("--dataset", default=None, help="shapes (default, embedded), cifar10, cifar100, imagefolder")
+    run.add_argument("--task", choices=["cls", "seg"], default=None,
+                     help="cls: classification (default); seg: semantic segmentation (timm backbone + FPN decoder)")
+    run.add_argument("--dataset", default=None,
+                     help="shapes (default, embedded), cifar10, cifar100, imagefolder; with --task seg: shapes, voc, cityscapes")
     run.add_argument("--data-root", default=None, help="folder holding the dataset")
     _bool_flag(run, "download", "download the dataset into --data-root (needs internet)")
     run.add_argument("--input-size", type=int, default=None, help="image size (shapes: generated at this size)")
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     hooks.add_argument("--model", required=True)
     hooks.add_argument("--input-size", type=int, default=224)
     hooks.add_argument("--num-classes", type=int, default=10)
+    hooks.add_argument("--task", choices=["cls", "seg"], default="cls", help="seg: the segmentation model (adds the decoder tap)")
     _bool_flag(hooks, "small-input-stem", "force the small-input stem on or off (default: on for <= 64 px)")
     hooks.add_argument("--all", action="store_true", help="also list every module path")
 
@@ -176,10 +180,10 @@ def cmd_run(args) -> int:
     if not main_process:
         return 0
     out = Console()
-    out.print(
-        f"[bold green]done[/] {result['run_id']}: top-1 {result['top1']:.2f}% (best {result['best_top1']:.2f}%), "
-        f"top-5 {result['top5']:.2f}%, {result['train_img_per_s']:.0f} img/s"
-    )
+    from .tasks import get_task
+
+    summary = get_task(result.get("task", "cls")).summary(result)
+    out.print(f"[bold green]done[/] {result['run_id']}: {summary}, {result['train_img_per_s']:.0f} img/s")
     out.print(f"run folder: {cfg.output}/{result['run_id']}")
     return 0
 
@@ -232,22 +236,23 @@ def cmd_list(args) -> int:
             cls = get_method(name)
             taps = cls.taps
             label = name + (f" ({', '.join(aliases_of(name))})" if aliases_of(name) else "")
-            settings = ", ".join(f"{k}={v}" for k, _, v in describe(cls.Config))
+            settings = ", ".join(f"{k}={v}" + "".join(f" ({task}: {values[k]})" for task, values in cls.task_defaults.items()
+                                                      if k in values) for k, _, v in describe(cls.Config))
             table.add_row(label, "needs" if cls.needs_teacher else "none", ",".join(cls.tasks),
                           ", ".join(["logits", *taps.student]), ", ".join(["logits", *taps.teacher]) if cls.needs_teacher else "-",
                           settings or "-", cls.summary)
         console.print(table)
     elif args.what == "datasets":
-        from .data import dataset_names, get_dataset
+        from .data import dataset_specs
 
         table = Table(title="kdzoo datasets")
-        for column in ("dataset", "classes", "size", "default recipe", "description"):
+        for column in ("dataset", "task", "classes", "size", "default recipe", "description"):
             table.add_column(column, overflow="fold")
-        for name in dataset_names():
-            spec = get_dataset(name)
+        for spec in dataset_specs():
             r = spec.recipe
             recipe = f"{r.epochs} ep, {r.optimizer} lr {r.lr}, batch {r.batch_size}, wd {r.weight_decay}, {r.schedule}"
-            table.add_row(name, str(spec.num_classes or "from folders"), str(spec.input_size), recipe, spec.description)
+            table.add_row(spec.name, spec.task, str(spec.num_classes or "from folders"), str(spec.input_size), recipe,
+                          spec.description)
         console.print(table)
     else:
         import timm
@@ -265,13 +270,14 @@ def cmd_hooks(args) -> int:
     from .hooks import describe_all_modules, resolve_taps
     from .models import create_model, model_info
 
-    model = create_model(args.model, args.num_classes, args.input_size, args.small_input_stem)
+    model = create_model(args.model, args.num_classes, args.input_size, args.small_input_stem, task=args.task)
     info = model_info(model, args.model, args.num_classes, args.input_size)
-    points = {p.name: p for p in resolve_taps(model, ["stages", "embedding"])}
+    last = "embedding" if args.task == "cls" else "decoder"
+    points = {p.name: p for p in resolve_taps(model, ["stages", last])}
     table = Table(title=f"taps of {args.model} at {args.input_size}×{args.input_size}")
     for column in ("tap", "module", "output shape (C×H×W)"):
         table.add_column(column)
-    for name in [*info.stage_names, "embedding"]:
+    for name in [*info.stage_names, last]:
         point = points.get(name)
         table.add_row(name, point.module + (" (input)" if point.kind == "input" else ""), "×".join(map(str, info.shapes[name])))
     table.add_row("logits", "(model output)", "×".join(map(str, info.shapes["logits"])))

@@ -21,7 +21,7 @@ class RunConfig:
     model: str = "resnet18"
     teacher: str | None = None
     dataset: str = "shapes"
-    task: Literal["cls"] = "cls"
+    task: Literal["cls", "seg"] = "cls"
     data_root: str | None = None
     download: bool = False
     input_size: int | None = None
@@ -56,7 +56,7 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """A copy with every recipe default filled in from the dataset."""
-        spec = get_dataset(self.dataset)
+        spec = get_dataset(self.dataset, self.task)
         recipe = spec.recipe
         values = dataclasses.asdict(self)
         for key in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "nesterov"):
@@ -84,7 +84,8 @@ class RunConfig:
         if self.run_name:
             return self.run_name
         pair = f"{self.teacher}-{self.model}" if self.teacher else self.model
-        return f"{self.dataset}_{self.method}_{pair}_s{self.seed}_{self.recipe_hash()}"
+        data = self.dataset if self.task == "cls" else f"{self.dataset}-{self.task}"
+        return f"{data}_{self.method}_{pair}_s{self.seed}_{self.recipe_hash()}"
 
 
 RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_settings"]

@@ -37,6 +37,7 @@ from .runs import RunDir, command_line, git_commit, versions
 from .settings import apply_overrides
 from .step import TrainStep, compile_networks, prepare_networks
 from .step import autocast as _autocast
+from .tasks import get_task
 
 CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
 
@@ -107,7 +108,7 @@ class Context:
     method_config: Any
     student: nn.Module
     teacher: nn.Module | None
-    teacher_top1: float | None
+    teacher_score: float | None  # the teacher's test top-1 (cls) or mIoU (seg)
     teacher_source: str | None
     data: Any
     device: torch.device
@@ -121,11 +122,13 @@ def validate(cfg: RunConfig) -> Method:
     Returns the method, built from its validated settings (its constructor checks their values).
     """
     method_cls = get_method(cfg.method)
-    method_config = apply_overrides(method_cls.Config(), cfg.method_settings, f"method {method_cls.name!r}")
-    get_dataset(cfg.dataset)
-    check_model_name(cfg.model)
+    get_task(cfg.task)
     if cfg.task not in method_cls.tasks:
         raise UserError(f"method {cfg.method!r} supports task(s) {', '.join(method_cls.tasks)}, not {cfg.task!r}")
+    settings = {**method_cls.task_defaults.get(cfg.task, {}), **cfg.method_settings}
+    method_config = apply_overrides(method_cls.Config(), settings, f"method {method_cls.name!r}")
+    get_dataset(cfg.dataset, cfg.task)
+    check_model_name(cfg.model)
     if method_cls.needs_teacher:
         if not cfg.teacher:
             raise UserError(f"method {cfg.method!r} needs a teacher: add --teacher MODEL (e.g. --teacher resnet34)")
@@ -151,7 +154,7 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
     run_dir = RunDir(distributed.on_main(lambda: RunDir.for_run(cfg.output, cfg.run_id(), resume).path),
                      writer=distributed.is_main())
 
-    spec = get_dataset(cfg.dataset)
+    spec = get_dataset(cfg.dataset, cfg.task)
     data = spec.build(DataRequest(
         root=cfg.data_root, download=cfg.download, input_size=cfg.input_size, train_size=cfg.train_size,
         test_size=cfg.test_size, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers,
@@ -171,12 +174,13 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
     # The student is built and probed before a teacher is trained, so an input size the
     # student cannot take fails at once rather than after the teacher's training.
     torch.manual_seed(cfg.seed)  # the student's init depends on the seed alone, not on teacher sourcing
-    student = create_model(cfg.model, data.num_classes, data.input_size, cfg.small_input_stem, cfg.pretrained).to(device)
+    student = create_model(cfg.model, data.num_classes, data.input_size, cfg.small_input_stem, cfg.pretrained,
+                           cfg.task).to(device)
     s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student)
 
-    teacher, teacher_top1, teacher_source = None, None, None
+    teacher, teacher_score, teacher_source = None, None, None
     if cfg.teacher:
-        teacher, teacher_top1, teacher_source = obtain_teacher(cfg, data, device, console, stop)
+        teacher, teacher_score, teacher_source = obtain_teacher(cfg, data, device, console, stop)
     t_info = model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher) if teacher is not None else None
     if t_info is not None and t_info.shapes["logits"] != s_info.shapes["logits"]:
         raise UserError(
@@ -185,7 +189,7 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
         )
     method.setup(s_info, t_info)
     method.to(device)
-    return Context(cfg, method, method_config, student, teacher, teacher_top1, teacher_source, data, device, run_dir,
+    return Context(cfg, method, method_config, student, teacher, teacher_score, teacher_source, data, device, run_dir,
                    {"student_info": s_info, "teacher_info": t_info})
 
 
@@ -262,6 +266,7 @@ class Trainer:
         self.ctx, self.console, self.stop = ctx, console, stop
         cfg, device = ctx.cfg, ctx.device
         self.cfg, self.device = cfg, device
+        self.task = get_task(cfg.task)
         self.student, self.teacher, self.method = ctx.student, ctx.teacher, ctx.method
         self.channels_last = cfg.channels_last
         prepare_networks(self.student, self.teacher, self.method, self.channels_last, device)
@@ -275,7 +280,7 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best_top1, self.best_epoch = -1.0, -1
+        self.best_score, self.best_epoch = -1.0, -1  # best test top-1 (cls) or mIoU (seg)
         self.rows: list[dict[str, Any]] = []
         self.sums: dict[str, float] = {}
         self.train_seconds = 0.0
@@ -290,7 +295,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+            "best_score": self.best_score, "best_epoch": self.best_epoch,
             "rows": self.rows, "sums": self.sums,
             "train_seconds": self.train_seconds, "images_seen": self.images_seen,
             "rng": _rng_state(self.device),
@@ -315,7 +320,7 @@ class Trainer:
             raise UserError(f"checkpoint {path} does not match this run's model or method ({str(e).splitlines()[0][:160]}); "
                             "resume with the same settings or start a new run") from None
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.rows, self.sums = list(state["rows"]), dict(state["sums"])
         self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
         rng_ranks = state.get("rng_ranks") or [state["rng"]]
@@ -381,11 +386,9 @@ class Trainer:
             for images, targets in loader.batches(skip=self.step_in_epoch):
                 if self.step_in_epoch >= steps_this_epoch:
                     break
-                terms, n_images, correct = self._step(images, targets)
+                terms, n_images = self._step(images, targets)
                 for name, value in terms.items():
                     pending[name] = pending.get(name, 0) + value
-                pending["_correct"] = pending.get("_correct", 0) + correct
-                self.sums["_images"] = self.sums.get("_images", 0) + n_images
                 self.sums["_steps"] = self.sums.get("_steps", 0) + 1
                 self.step_in_epoch += 1
                 self.global_step += 1
@@ -443,21 +446,22 @@ class Trainer:
         if self.cfg.compile:
             student, teacher = compile_networks(student, teacher)
         step = TrainStep(student, teacher, self.method, s_taps, t_taps, self.optimizer, self.scheduler,
-                         self.normalize, self.ctx.data.augment, self.device, self.cfg.amp, self.channels_last)
+                         self.normalize, self.ctx.data.augment, self.device, self.cfg.amp, self.channels_last,
+                         hits=self.task.train_hits)
         # under DDP one wrapper holds student + method, so backward averages both over processes
         step.forward = distributed.data_parallel(self.student, self.method, step.forward_loss, self.device,
                                                  type(self.method).some_parameters_unused)
         return step
 
-    def _step(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], int, Tensor]:
-        terms, n_images, correct = self.train_step(images, targets, self.epoch, self.global_step,
-                                                   self.global_step / max(1, self.total_steps))
-        return terms, n_images * self.world, correct  # images over all processes
+    def _step(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], int]:
+        terms, n_images = self.train_step(images, targets, self.epoch, self.global_step,
+                                          self.global_step / max(1, self.total_steps))
+        return terms, n_images * self.world  # images over all processes
 
     def _end_epoch(self) -> None:
         cfg, data = self.cfg, self.ctx.data
         distributed.sync_buffers(self.student, self.method)  # evaluate and save rank 0's model
-        metrics = evaluate(self.student, data.test, self.normalize, self.device, cfg.amp, self.channels_last)
+        metrics = self.task.evaluate(self.student, data, self.normalize, self.device, cfg.amp, self.channels_last)
         self.s_taps.pop()
         steps = max(1, self.sums.get("_steps", 0))
         row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -465,17 +469,18 @@ class Trainer:
         for name, value in self.sums.items():
             if not name.startswith("_") and name != "loss":
                 row[f"train_{name}"] = value / steps
-        row["train_top1"] = 100 * self.sums.get("_correct", 0) / max(1, self.sums.get("_images", 1))
-        row.update({"test_loss": metrics["loss"], "test_top1": metrics["top1"], "test_top5": metrics["top5"]})
+        row[f"train_{self.task.train_metric}"] = 100 * self.sums.get("_correct", 0) / max(1, self.sums.get("_counted", 1))
+        row.update(self.task.row_fields(metrics, data.class_names))
         row["img_per_s"] = self.images_seen / max(self.train_seconds, 1e-9)
         self.rows.append(row)
         self.console.print(
             f"epoch {self.epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
-            f"test top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  {row['img_per_s']:.0f} img/s"
+            f"test {self.task.headline(metrics)}  {row['img_per_s']:.0f} img/s"
         )
-        improved = metrics["top1"] > self.best_top1
+        score = metrics[self.task.score]
+        improved = score > self.best_score
         if improved:
-            self.best_top1, self.best_epoch = metrics["top1"], self.epoch + 1
+            self.best_score, self.best_epoch = score, self.epoch + 1
         self.epoch += 1
         self.step_in_epoch = 0
         self.sums = {}
@@ -484,7 +489,7 @@ class Trainer:
         if improved:
             self.ctx.run_dir.save_checkpoint("best.pt", {
                 "format": CHECKPOINT_FORMAT + "-weights", "student": self.student.state_dict(),
-                "method": self.method.state_dict(), "epoch": self.epoch, "top1": metrics["top1"], "model": cfg.model,
+                "method": self.method.state_dict(), "epoch": self.epoch, self.task.score: score, "model": cfg.model,
             })
 
     def _config_record(self) -> dict[str, Any]:
@@ -509,9 +514,9 @@ class Trainer:
             "method": self.cfg.method, "model": self.cfg.model, "teacher": self.cfg.teacher,
             "dataset": self.cfg.dataset, "task": self.cfg.task, "seed": self.cfg.seed,
             "epochs": self.epoch, "steps": self.global_step,
-            "top1": last["test_top1"], "top5": last["test_top5"], "test_loss": last["test_loss"],
-            "best_top1": self.best_top1, "best_epoch": self.best_epoch,
-            "teacher_top1": self.ctx.teacher_top1,
+            **self.task.result_fields(last, self.ctx.data.class_names),
+            f"best_{self.task.score}": self.best_score, "best_epoch": self.best_epoch,
+            f"teacher_{self.task.score}": self.ctx.teacher_score,
             "final_train_loss": last["train_loss"],
             "params_m": params / 1e6, "extra_params_m": self.method.extra_parameter_count() / 1e6,
             "train_img_per_s": self.images_seen / max(self.train_seconds, 1e-9),

@@ -24,24 +24,30 @@ from .checkpoint import atomic_write_bytes, atomic_write_text
 from .config import hash_recipe
 from .errors import UserError
 
-# The metric rows are ranked by and compared with the baseline on. Segmentation runs will
-# report mIoU: choose the metric per task here, in this one place.
-MAIN_METRIC = "top1"
-SORT_COLUMN = f"{MAIN_METRIC}_mean"
+# The metric rows are ranked by and compared with the baseline on, per task: classification
+# runs by test top-1, segmentation runs by mIoU. Chosen here, in this one place.
+MAIN_METRIC = {"cls": "top1", "seg": "miou"}
+SORT_COLUMN = "_score"  # while building: the row's main metric (mean over seeds), whatever its task
 
 KEY = ["dataset", "task", "teacher", "student", "method", "recipe_hash"]
 COLUMNS = [
     "dataset", "task", "teacher", "student", "method", "n_seeds", "top1_mean", "top1_std", "top5_mean",
-    "gain_vs_baseline", "best_top1_mean", "teacher_top1", "params_m", "extra_params_m", "ms_per_step",
-    "train_img_per_s", "peak_mem_mb", "epochs", "recipe_hash", "status",
+    "miou_mean", "miou_std", "pixel_acc_mean",
+    "gain_vs_baseline", "best_top1_mean", "best_miou_mean", "teacher_top1", "teacher_miou", "params_m", "extra_params_m",
+    "ms_per_step", "train_img_per_s", "peak_mem_mb", "epochs", "recipe_hash", "status",
 ]
 # result.json field -> column, each the mean over the row's seeds
 MEANS = {"top1": "top1_mean", "top5": "top5_mean", "best_top1": "best_top1_mean", "teacher_top1": "teacher_top1",
+         "miou": "miou_mean", "pixel_acc": "pixel_acc_mean", "best_miou": "best_miou_mean", "teacher_miou": "teacher_miou",
          "params_m": "params_m", "extra_params_m": "extra_params_m", "ms_per_step": "ms_per_step",
          "train_img_per_s": "train_img_per_s", "peak_mem_mb": "peak_mem_mb"}
+# the columns only one task fills: the terminal leaves out those that are empty in every row
+TASK_COLUMNS = ("top1_mean", "top1_std", "top5_mean", "best_top1_mean", "teacher_top1",
+                "miou_mean", "miou_std", "pixel_acc_mean", "best_miou_mean", "teacher_miou")
 # how each column is shown in the terminal and in Markdown (CSV keeps full precision)
 FORMATS = {"top1_mean": ".2f", "top1_std": ".2f", "top5_mean": ".2f", "gain_vs_baseline": "+.2f",
            "best_top1_mean": ".2f", "teacher_top1": ".2f", "params_m": ".2f", "extra_params_m": ".3f",
+           "miou_mean": ".2f", "miou_std": ".2f", "pixel_acc_mean": ".2f", "best_miou_mean": ".2f", "teacher_miou": ".2f",
            "ms_per_step": ".1f", "train_img_per_s": ".0f", "peak_mem_mb": ".0f"}
 
 # What, beyond the method, may differ between a row and the baseline it is compared with.
@@ -167,14 +173,22 @@ def build(entries: list[Entry]) -> pd.DataFrame:
     df = df.sort_values("folder", kind="stable").drop_duplicates([*KEY, "status", "seed"], keep="first")
     grouped = df.groupby([*KEY, "status"], sort=False, dropna=False)
     board = grouped.agg(
-        n_seeds=("seed", "size"), top1_std=("top1", "std"), epochs=("epochs", "max"), _train=("_train", "first"),
-        **{column: (field, "mean") for field, column in MEANS.items()},
+        n_seeds=("seed", "size"), top1_std=("top1", "std"), miou_std=("miou", "std"), epochs=("epochs", "max"),
+        _train=("_train", "first"), **{column: (field, "mean") for field, column in MEANS.items()},
     ).reset_index()
+    board[SORT_COLUMN] = _main_metric(board, "mean")
     board["gain_vs_baseline"] = _gain(board)
     board["epochs"] = board["epochs"].astype("Int64")
     board = board.sort_values([SORT_COLUMN, "dataset", "student", "method", "teacher"],
                               ascending=[False, True, True, True, True], na_position="last", kind="stable")
     return board[COLUMNS].reset_index(drop=True)
+
+
+def _main_metric(board: pd.DataFrame, statistic: str) -> pd.Series:
+    """Each row's main-metric column (``mean`` or ``std``), chosen by its task (NaN for an unknown task)."""
+    values = [getattr(row, f"{MAIN_METRIC[row.task]}_{statistic}") if row.task in MAIN_METRIC else float("nan")
+              for row in board.itertuples(index=False)]
+    return pd.Series(values, index=board.index, dtype=float)
 
 
 def _gain(board: pd.DataFrame) -> pd.Series:
@@ -204,13 +218,13 @@ def _cell(value: Any, column: str) -> str:
 
 
 def to_csv(board: pd.DataFrame) -> str:
-    return board.to_csv(index=False, lineterminator="\n")
+    return board[COLUMNS].to_csv(index=False, lineterminator="\n")
 
 
 def to_markdown(board: pd.DataFrame, errors: list[tuple[str, str]] = ()) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c in FORMATS or c in ("n_seeds", "epochs") else "---"
                                                            for c in COLUMNS) + "|"]
-    for row in board.itertuples(index=False):
+    for row in board[COLUMNS].itertuples(index=False):
         lines.append("| " + " | ".join(_cell(v, c).replace("|", "\\|") for v, c in zip(row, COLUMNS)) + " |")
     if errors:
         lines += ["", "Failed cells:", ""] + [f"- `{folder}`: {error}" for folder, error in errors]
@@ -221,12 +235,13 @@ def print_table(board: pd.DataFrame, errors: list[tuple[str, str]], console, tit
     from rich.table import Table
 
     table = Table(title=title)
-    for column in COLUMNS:
+    shown = [c for c in COLUMNS if c not in TASK_COLUMNS or board[c].notna().any()]
+    for column in shown:
         table.add_column(column, justify="right" if column in FORMATS or column in ("n_seeds", "epochs") else "left",
                          overflow="fold")
     style = {"failed": "red", "incomplete": "yellow"}
-    for row in board.itertuples(index=False):
-        values = [_cell(v, c) or "-" for v, c in zip(row, COLUMNS)]
+    for row in board[shown].itertuples(index=False):
+        values = [_cell(v, c) or "-" for v, c in zip(row, shown)]
         table.add_row(*values, style=style.get(row.status))
     console.print(table)
     for folder, error in errors:
@@ -243,9 +258,12 @@ def plot(board: pd.DataFrame, path: str | Path) -> None:
     labels = [f"{r.method}  {r.teacher + '→' if r.teacher else ''}{r.student}" + (f"  [{r.dataset}]" if datasets else "")
               + f"  n={r.n_seeds}" for r in rows.itertuples()]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * len(rows)))
-    ax.barh(range(len(rows)), rows[SORT_COLUMN], xerr=rows["top1_std"].fillna(0), capsize=3, color="tab:blue", alpha=0.8)
+    ax.barh(range(len(rows)), _main_metric(rows, "mean"), xerr=_main_metric(rows, "std").fillna(0), capsize=3, color="tab:blue",
+            alpha=0.8)
     ax.set_yticks(range(len(rows)), labels)
-    ax.set_xlabel(f"test {MAIN_METRIC} (%) — mean ± std over seeds")
+    metrics = " / ".join({"top1": "top-1", "miou": "mIoU"}[MAIN_METRIC[t]] for t in sorted(rows["task"].unique())
+                         if t in MAIN_METRIC)
+    ax.set_xlabel(f"test {metrics} (%) — mean ± std over seeds")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()

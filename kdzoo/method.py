@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .metrics import IGNORE_INDEX  # noqa: F401  (methods import it from here with the loss helpers)
 
 if TYPE_CHECKING:
     from .models import ModelInfo
@@ -68,7 +69,8 @@ class StepOutputs:
     """Everything a method's loss may read for one training step.
 
     ``targets`` are class indices ``(B,)`` or, after mixing augmentations, class
-    probabilities ``(B, K)``; ``progress`` runs from 0 at the first step to 1 at the last,
+    probabilities ``(B, K)``; for segmentation they are masks ``(B, H, W)`` (255 = ignore) and
+    the logits are ``(B, K, H, W)`` maps; ``progress`` runs from 0 at the first step to 1 at the last,
     for methods whose weights ramp over training.
     """
 
@@ -102,6 +104,9 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
     tasks: ClassVar[tuple[str, ...]] = ("cls",)
+    # Config values that differ by task (e.g. the paper's segmentation setting), applied before
+    # the user's --set; the Config defaults are the classification ones.
+    task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     taps: Taps = Taps()
     summary: ClassVar[str] = ""
     # True when some trainable parameter may get no gradient on some steps (an extra used only
@@ -167,11 +172,28 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         return [f.name for f in dataclasses.fields(cls.Config)]
 
 
-def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy for hard (class index) or soft (probability) targets."""
+def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy for hard (class index) or soft (probability) targets.
+
+    Dense logits ``(B, K, H, W)`` against masks ``(B, H, W)``: the mean over labelled pixels
+    (mask ≠ 255); zero, with the graph kept, when a batch has no labelled pixel at all.
+    ``label_smoothing`` applies to hard targets.
+    """
     if targets.dtype.is_floating_point:
         return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-    return nn.functional.cross_entropy(logits.float(), targets)
+    if logits.dim() > 2:
+        summed = nn.functional.cross_entropy(logits.float(), targets.long(), ignore_index=IGNORE_INDEX,
+                                             reduction="sum", label_smoothing=label_smoothing)
+        return summed / (targets != IGNORE_INDEX).sum().clamp_min(1)
+    return nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def pixels_as_samples(logits: Tensor) -> Tensor:
+    """``(B, K, H, W)`` → ``(B·H·W, K)``: each pixel becomes a row, so a per-sample loss averaged
+    over rows is normalised by B·H·W. Classification logits ``(B, K)`` pass through."""
+    if logits.dim() == 2:
+        return logits
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
 
 
 def kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:

@@ -28,6 +28,7 @@ class ModelInfo:
     num_classes: int
     input_size: int
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tap -> shape without batch
+    task: str = "cls"  # "seg": logits are (K, H, W) maps and the shapes include the ``decoder`` tap
 
     @property
     def stage_names(self) -> list[str]:
@@ -81,12 +82,21 @@ def create_model(
     input_size: int,
     small_input_stem: bool | None = None,
     pretrained: bool = False,
+    task: str = "cls",
 ) -> nn.Module:
     """A timm model with ``num_classes`` outputs, adapted to ``input_size``.
 
-    ``small_input_stem=None`` means automatic: on for inputs of at most 64 pixels.
-    Transformers with a fixed input size are built for ``input_size``.
+    ``small_input_stem=None`` means automatic: on for inputs of at most 64 pixels (classification;
+    segmentation models keep the standard stem unless it is asked for).
+    Transformers with a fixed input size are built for ``input_size``. ``task="seg"`` wraps the
+    backbone (without its classifier) in :class:`kdzoo.segmentation.SegmentationModel`.
     """
+    if task == "seg":
+        from .segmentation import SegmentationModel
+
+        # off unless asked for: segmentation keeps the stride-4 stem and lets the decoder restore resolution
+        backbone = create_model(name, 0, input_size, bool(small_input_stem), pretrained)
+        return SegmentationModel(backbone, num_classes, input_size)
     check_model_name(name)
     kwargs = {}
     if _needs_img_size(name):
@@ -112,14 +122,20 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def model_info(model: nn.Module, name: str, num_classes: int, input_size: int, taps=()) -> ModelInfo:
-    """Measure the shapes of ``taps`` plus every stage and the embedding, when the model has them."""
+    """Measure the shapes of ``taps`` plus every stage and the embedding (or, on a segmentation
+    model, the decoder map), when the model has them."""
+    from .segmentation import SegmentationModel
+
     names = list(taps)
     if getattr(model, "feature_info", None):
         stage_entries(model)
         names.append("stages")
     if hasattr(model, "get_classifier"):
         names.append("embedding")
-    return ModelInfo(name, num_classes, input_size, probe_shapes(model, names, input_size))
+    task = "seg" if isinstance(model, SegmentationModel) else "cls"
+    if task == "seg":
+        names.append("decoder")
+    return ModelInfo(name, num_classes, input_size, probe_shapes(model, names, input_size), task)
 
 
 def load_weights(model: nn.Module, path: str, what: str = "checkpoint") -> dict:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .data.loaders import to_float
 from .hooks import FeatureTaps
 from .method import Method, NetOutputs, StepOutputs
+from .tasks import CLASSIFICATION
 
 
 def autocast(device: torch.device, amp: bool):
@@ -70,8 +71,8 @@ def compile_networks(student: nn.Module, teacher: nn.Module | None,
 @dataclass
 class TrainStep:
     """One optimisation step of ``method`` on a raw batch; ``__call__`` returns the detached
-    loss terms (plus ``loss``, their sum), the number of images the networks saw, and the
-    number of correct student predictions, all without a host synchronisation.
+    loss terms (plus ``loss``, their sum, and the training-accuracy counts ``_correct`` and
+    ``_counted``) and the number of images the networks saw, all without a host synchronisation.
 
     ``student_forward``/``teacher_forward`` are the networks or their compiled forwards;
     ``s_taps``/``t_taps`` are the open :class:`FeatureTaps` on the same networks.
@@ -89,6 +90,7 @@ class TrainStep:
     device: torch.device
     amp: bool
     channels_last: bool
+    hits: Any = None  # (logits, targets) -> (correct, counted) on the device; default: classification's
 
     def __post_init__(self):
         # the part of the step that DDP wraps (see kdzoo.distributed.data_parallel); by default
@@ -111,7 +113,7 @@ class TrainStep:
         return logits, terms
 
     def __call__(self, images: Tensor, targets: Tensor, epoch: int = 0, step: int = 0,
-                 progress: float = 0.0) -> tuple[dict[str, Tensor], int, Tensor]:
+                 progress: float = 0.0) -> tuple[dict[str, Tensor], int]:
         images = to_float(images)
         images, targets = self.method.prepare_batch(images, targets, self.augment)
         images = self.normalize(images)
@@ -126,6 +128,6 @@ class TrainStep:
         self.scheduler.step()
         detached = {name: value.detach().float() for name, value in terms.items()}
         detached["loss"] = loss.detach().float()
-        hard = targets if not targets.dtype.is_floating_point else targets.argmax(dim=1)
-        correct = logits.detach()[: len(hard)].argmax(dim=1).eq(hard).sum()
-        return detached, len(images), correct
+        detached["_correct"], detached["_counted"] = (self.hits or CLASSIFICATION.train_hits)(logits.detach(), targets)
+        return detached, len(images)
+

@@ -4,7 +4,8 @@ In this order: ``--teacher-checkpoint PATH`` (a kdzoo checkpoint or a plain stat
 loaded safely); ``--teacher-pretrained`` (timm's weights; fine-tuned once on the dataset when
 its classifier does not match); otherwise kdzoo trains the teacher with the dataset's
 baseline recipe once, says so, and caches it under ``<output>/teachers/`` keyed by model,
-dataset and recipe, so the next run reuses it.
+dataset, task and recipe, so the next run reuses it (a segmentation teacher is never taken for a
+classifier: the task is in its run id and recipe hash).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConf
     """The baseline run that produces the cached teacher: the dataset's recipe (with the run's data
     settings: input size, image counts, batch size) and a fixed seed."""
     return RunConfig(
-        method="baseline", model=cfg.teacher, dataset=cfg.dataset, data_root=cfg.data_root, download=cfg.download,
+        method="baseline", model=cfg.teacher, dataset=cfg.dataset, task=cfg.task, data_root=cfg.data_root, download=cfg.download,
         input_size=cfg.input_size, train_size=cfg.train_size, test_size=cfg.test_size, batch_size=cfg.batch_size,
         epochs=cfg.teacher_epochs, seed=0, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
         compile=cfg.compile, small_input_stem=cfg.small_input_stem, workers=cfg.workers,
@@ -32,24 +33,27 @@ def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConf
 
 
 def obtain_teacher(cfg: RunConfig, data, device: torch.device, console, stop=None) -> tuple[nn.Module, float | None, str]:
-    """(frozen teacher in eval mode on ``device``, its test top-1 if known, where it came from)."""
-    from .engine import Normalize, evaluate
+    """(frozen teacher in eval mode on ``device``, its test score if known — top-1 for cls, mIoU
+    for seg —, where it came from)."""
+    from .engine import Normalize
+    from .tasks import get_task
 
+    task = get_task(cfg.task)
     if cfg.teacher_checkpoint:
-        teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem)
+        teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem, task=cfg.task)
         load_weights(teacher, cfg.teacher_checkpoint, "teacher checkpoint")
         source = f"checkpoint {cfg.teacher_checkpoint}"
-        top1 = None
-    elif cfg.teacher_pretrained and data.num_classes == 1000:
+        score = None
+    elif cfg.teacher_pretrained and data.num_classes == 1000 and cfg.task == "cls":
         teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem, pretrained=True)
-        source, top1 = "timm pretrained weights", None
+        source, score = "timm pretrained weights", None
     else:
-        teacher, top1, source = _cached_teacher(cfg, data, console, stop)
+        teacher, score, source = _cached_teacher(cfg, data, console, stop)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    if top1 is None:
-        top1 = evaluate(teacher, data.test, Normalize(data.mean, data.std, device), device, cfg.amp, False)["top1"]
-    console.print(f"teacher {cfg.teacher}: {source}; test top-1 {top1:.2f}%")
-    return teacher, top1, source
+    if score is None:
+        score = task.evaluate(teacher, data, Normalize(data.mean, data.std, device), device, cfg.amp, False)[task.score]
+    console.print(f"teacher {cfg.teacher}: {source}; test {task.label} {score:.2f}%")
+    return teacher, score, source
 
 
 def _cached_teacher(cfg: RunConfig, data, console, stop=None) -> tuple[nn.Module, float, str]:
@@ -59,6 +63,7 @@ def _cached_teacher(cfg: RunConfig, data, console, stop=None) -> tuple[nn.Module
     from .engine import run as run_training
     from .locks import file_lock
     from .runs import RunDir
+    from .tasks import get_task
 
     tcfg = teacher_run_config(cfg, pretrained_init=cfg.teacher_pretrained).resolved()
     # One process trains a given teacher; another that needs it meanwhile (parallel bench cells)
@@ -78,6 +83,6 @@ def _cached_teacher(cfg: RunConfig, data, console, stop=None) -> tuple[nn.Module
                 "(pass --teacher-checkpoint FILE to use your own)"
             )
             result = run_training(tcfg, resume=True, console=console, stop=stop)  # Ctrl-C stops it too
-    teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem)
+    teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem, task=cfg.task)
     load_weights(teacher, str(run_dir.last), "cached teacher")
-    return teacher, result["top1"], f"trained by kdzoo ({run_dir.path})"
+    return teacher, result[get_task(cfg.task).score], f"trained by kdzoo ({run_dir.path})"

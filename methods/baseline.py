@@ -14,8 +14,9 @@ from kdzoo.registry import register_method
 class Baseline(Method):
     """Cross-entropy on the labels, no teacher."""
 
-    summary = "cross-entropy only (no distillation)"
+    summary = "cross-entropy only (no distillation); per labelled pixel on segmentation"
     needs_teacher = False
+    tasks = ("cls", "seg")
 
     @dataclass
     class Config:
@@ -27,6 +28,8 @@ class Baseline(Method):
 
     def loss(self, out: StepOutputs):
         targets, eps = out.targets, self.config.label_smoothing
+        if out.student.logits.dim() > 2:  # segmentation: masks with ignored pixels
+            return {"ce": cross_entropy(out.student.logits, targets, label_smoothing=eps)}
         if eps > 0:
             k = out.student.logits.shape[1]
             soft = targets if targets.dtype.is_floating_point else F.one_hot(targets, k).float()

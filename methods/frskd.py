@@ -14,6 +14,12 @@ with a(X) = the per-sample channel mean of X², flattened over H·W and L2-norma
 maps enter the self-teacher *without* a stop-gradient, so the self-teacher's cross-entropy also
 trains the classifier's backbone; both distillation terms move only the classifier.
 
+Segmentation (``--task seg``, the paper's VOC setting; defaults α = 1, β = 50, τ = 1, and α, β
+zero for the first 2/3 of training, then sigmoid-ramped): the self-teacher refines the
+segmentation backbone's stages the same way and predicts per pixel with a 1×1 conv on R_1 (the
+finest refined map, which the top-down path has fused with every coarser level), upsampled to the
+input; both CEs are per labelled pixel and the KD term is per pixel, normalised by B·H·W.
+
 Variants (``aug``): mixup and cutmix mix the batch in :meth:`FRSKD.prepare_batch`; every term is
 then computed on the mixed batch with the mixed soft targets. ``sla=true`` adds self-supervised
 label augmentation (four rotations and joint class×rotation heads), as in the reference code.
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserError
-from kdzoo.method import Method, StepOutputs, Taps, cross_entropy, kl_div
+from kdzoo.method import Method, StepOutputs, Taps, cross_entropy, kl_div, pixels_as_samples
 from kdzoo.registry import register_method
 
 Size = tuple[int, int]
@@ -165,8 +171,9 @@ class SelfTeacher(nn.Module):
     same module works for halving CNN stages, odd sizes and equal-size ViT grids.
     """
 
-    def __init__(self, channels: list[int], num_classes: int, width: int = 2, depth: int = 2):
+    def __init__(self, channels: list[int], num_classes: int, width: int = 2, depth: int = 2, dense: bool = False):
         super().__init__()
+        self.dense = dense
         n = len(channels)
         d = [width * c for c in channels]
         self.widths = d
@@ -180,7 +187,8 @@ class SelfTeacher(nn.Module):
         self.bu_proj = nn.ModuleList(Pointwise(d[i - 1], d[i]) for i in range(1, n))
         self.bu_conv = nn.ModuleList(DepthwiseSeparable(d[i], depth) for i in range(1, n))
         self.bu_weight = nn.ParameterList(nn.Parameter(torch.ones(3 if i < n - 1 else 2)) for i in range(1, n))
-        self.fc = nn.Linear(d[-1], num_classes)
+        # dense (segmentation): per-pixel logits from R_1; else logits from the pooled R_n
+        self.fc = nn.Conv2d(d[0], num_classes, 1) if dense else nn.Linear(d[-1], num_classes)
 
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """Stage maps (finest first) → (refined maps R_1..R_n, self-teacher logits z_t)."""
@@ -207,7 +215,7 @@ class SelfTeacher(nn.Module):
             outs.append(self.bu_conv[i - 1](sum(wk * x for wk, x in zip(w, inputs))))
 
         refined = [F.relu(t) for t in outs]
-        logits = self.fc(refined[-1].mean(dim=(2, 3)))
+        logits = self.fc(refined[0]) if self.dense else self.fc(refined[-1].mean(dim=(2, 3)))
         return refined, logits
 
 
@@ -291,8 +299,11 @@ class FRSKD(Method):
 
     summary = "self-KD: a BiFPN self-teacher on the stages teaches logits (KD) and attention maps"
     needs_teacher = False
-    tasks = ("cls",)
+    tasks = ("cls", "seg")
     taps = Taps(student=["stages"])
+    # spec §1.3, the segmentation setting: α = 1, β = 50, τ = 1; α = β = 0 for 40 of 60 epochs,
+    # then the sigmoid ramp over the last 20 (the ramp's length is kdzoo's reading)
+    task_defaults = {"seg": {"alpha": 1.0, "beta": 50.0, "temperature": 1.0, "ramp_start": 2 / 3, "ramp_length": 1 / 3}}
 
     @dataclass
     class Config:
@@ -319,6 +330,7 @@ class FRSKD(Method):
             raise UserError("method 'frskd': sla=true cannot be combined with aug=mixup/cutmix; pick one")
         self.num_classes = 0
         self.num_used = 0
+        self.dense = False
 
     def setup(self, student, teacher=None) -> None:
         c = self.config
@@ -330,7 +342,10 @@ class FRSKD(Method):
         self.num_used = c.num_stages or len(names)
         channels = student.stage_channels[-self.num_used:]
         self.num_classes = student.num_classes
-        self.self_teacher = SelfTeacher(channels, student.num_classes, c.width, c.depth)
+        self.dense = student.task == "seg"
+        if self.dense and (c.sla or c.aug != "none"):
+            raise UserError("method 'frskd' on segmentation supports neither sla nor mixup/cutmix; use aug=none, sla=false")
+        self.self_teacher = SelfTeacher(channels, student.num_classes, c.width, c.depth, dense=self.dense)
         if c.sla:
             self.rotation_head = nn.Linear(channels[-1], 4 * student.num_classes)
             self.rotation_head_self = nn.Linear(self.self_teacher.widths[-1], 4 * student.num_classes)
@@ -353,7 +368,8 @@ class FRSKD(Method):
         c = self.config
         scale = ramp(progress, c.ramp_start, c.ramp_length)
         return {
-            "kd": scale * c.alpha * c.temperature**2 * kl_div(z_c, z_t.detach(), c.temperature),
+            "kd": scale * c.alpha * c.temperature**2 * kl_div(
+                pixels_as_samples(z_c), pixels_as_samples(z_t.detach()), c.temperature),
             "att": scale * c.beta * sum(attention_loss(f, r) for f, r in zip(feats, refined)),
         }
 
@@ -361,6 +377,8 @@ class FRSKD(Method):
         feats = out.student.stages[-self.num_used:]
         refined, z_t = self.self_teacher(feats)
         z_c = out.student.logits
+        if self.dense:  # the self-teacher predicts at R_1's resolution; compare at the student's
+            z_t = F.interpolate(z_t, size=z_c.shape[-2:], mode="bilinear", align_corners=False)
         if self.config.sla:
             return self._sla_loss(out, z_c, z_t, feats, refined)
         return {

@@ -3,13 +3,17 @@
 L = w_ce · CE(z_s, y) + w_kd · τ² · KL(σ(z_t/τ) ‖ σ(z_s/τ)). The τ² factor keeps the soft
 term's gradient scale independent of τ. Defaults are the CIFAR-100 setting of RepDistiller
 and mdistiller (τ = 4, 0.1 / 0.9); their ImageNet setting is τ = 1, 0.5 / 0.5.
+
+Segmentation: the same loss per pixel. Every pixel is a sample, so the KL is summed over
+classes and averaged over B·H·W pixels (all of them: the teacher has an answer for ignored
+pixels too), and the CE over the labelled pixels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdzoo.method import Method, StepOutputs, cross_entropy, kl_div
+from kdzoo.method import Method, StepOutputs, cross_entropy, kl_div, pixels_as_samples
 from kdzoo.registry import register_method
 
 
@@ -17,6 +21,8 @@ from kdzoo.registry import register_method
 class KD(Method):
     summary = "Hinton KD: KL between temperature-softened teacher and student logits"
     needs_teacher = True
+    tasks = ("cls", "seg")
+    task_defaults = {"seg": {"temperature": 1.0, "ce_weight": 1.0, "kd_weight": 1.0}}
 
     @dataclass
     class Config:
@@ -33,5 +39,6 @@ class KD(Method):
         teacher = self.teacher_output(out)
         return {
             "ce": c.ce_weight * cross_entropy(out.student.logits, out.targets),
-            "kd": c.kd_weight * c.temperature**2 * kl_div(out.student.logits, teacher.logits, c.temperature),
+            "kd": c.kd_weight * c.temperature**2 * kl_div(
+                pixels_as_samples(out.student.logits), pixels_as_samples(teacher.logits), c.temperature),
         }

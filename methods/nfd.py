@@ -15,9 +15,14 @@ learns where and how each channel responds, not the magnitude of the teacher's r
   independent; it equals C_t × the element-wise mean squared error.
 - σ is the population standard deviation over H·W; eps is added to σ (not to the variance).
 
-Layers are paired by name: ``stageK`` means stage K of both networks; ``last`` means the
-deepest stage of each network whose map has more than one position (a 1×1 map standardises to
-all zeros and carries no signal); ``S:T`` pairs student layer S with teacher layer T.
+Layers are paired by name: ``stageK`` means stage K of both networks; ``last`` means each
+network's last feature map before its classifier — on classification the deepest stage whose map
+has more than one position (a 1×1 map standardises to all zeros and carries no signal), on
+segmentation (``--task seg``) the ``decoder`` map, the one segmentation KD distils; ``decoder``
+names it explicitly; ``S:T`` pairs student layer S with teacher layer T.
+
+Segmentation changes nothing else: the CE is per labelled pixel, and the optional KD term is
+per pixel (normalised by B·H·W).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserError
-from kdzoo.method import Method, StepOutputs, Taps, cross_entropy, kl_div
+from kdzoo.method import Method, StepOutputs, Taps, cross_entropy, kl_div, pixels_as_samples
 from kdzoo.registry import register_method
 
 _STAGE = re.compile(r"^stage(\d+)$")
@@ -70,20 +75,26 @@ def _parse_layer(spec: str) -> tuple[str, str]:
     if not sep:
         teacher = student
     for name in (student, teacher):
-        if name != "last" and not _STAGE.match(name):
+        if name not in ("last", "decoder") and not _STAGE.match(name):
             raise UserError(
                 f"method 'nfd': layer {spec!r} is not understood; use 'last', 'stageK' (the same stage on "
-                "both networks) or 'STUDENT:TEACHER' such as 'stage3:stage4'"
+                "both networks), 'decoder' (segmentation) or 'STUDENT:TEACHER' such as 'stage3:stage4'"
             )
     return student, teacher
 
 
 def _side_tap(names: list[str]) -> list[str]:
-    return ["stages"] if "last" in names else sorted(set(names), key=lambda k: int(k[5:]))
+    """The taps to measure before the task is known; :meth:`NFD.setup` narrows them to the layers used."""
+    stages = sorted({n for n in names if _STAGE.match(n)}, key=lambda k: int(k[5:]))
+    return (["stages"] if "last" in names else stages) + (["decoder"] if "decoder" in names else [])
 
 
 def _resolve(name: str, info, side: str) -> str:
-    """A concrete stage name on one network, checked against its measured shapes."""
+    """A concrete layer name on one network, checked against its measured shapes."""
+    if name == "decoder" or (name == "last" and info.task == "seg"):
+        if "decoder" not in info.shapes:
+            raise UserError("method 'nfd': the decoder layer exists only with --task seg; distil 'last' or a 'stageK'")
+        return "decoder"
     stages = info.stage_names
     if not stages:
         raise UserError(f"method 'nfd' needs stage taps, but {side} {info.name} has no timm feature_info stages")
@@ -112,12 +123,12 @@ def _resolve(name: str, info, side: str) -> str:
 class NFD(Method):
     summary = "Normalized Feature Distillation: L2 between spatially standardised teacher and adapted student maps"
     needs_teacher = True
-    tasks = ("cls",)
+    tasks = ("cls", "seg")
     taps = Taps(student=["stages"], teacher=["stages"])
 
     @dataclass
     class Config:
-        layers: tuple[str, ...] = ("last",)  # 'last', 'stageK', or 'STUDENT:TEACHER' pairs
+        layers: tuple[str, ...] = ("last",)  # 'last', 'stageK', 'decoder' (seg) or 'STUDENT:TEACHER' pairs
         nfd_weight: float = 1e-3             # λ; the paper's value is unconfirmed (see docs)
         eps: float = 1e-5                    # added to σ in the standardisation
         ce_weight: float = 1.0
@@ -144,6 +155,7 @@ class NFD(Method):
             if pair not in pairs:
                 pairs.append(pair)
         self.pairs = pairs
+        self.taps = Taps(student=[s for s, _ in pairs], teacher=[t for _, t in pairs])  # hook only what is distilled
         self.adapters = nn.ModuleList(
             nn.Conv2d(student.shapes[s][0], teacher.shapes[t][0], kernel_size=1, bias=False) for s, t in pairs
         )
@@ -171,5 +183,5 @@ class NFD(Method):
             if c.kd_weight > 0:
                 teacher = self.teacher_output(out)
                 terms["kd"] = c.kd_weight * c.temperature**2 * kl_div(
-                    out.student.logits, teacher.logits.detach(), c.temperature)
+                    pixels_as_samples(out.student.logits), pixels_as_samples(teacher.logits.detach()), c.temperature)
         return terms

@@ -69,26 +69,38 @@ class DatasetSpec:
     recipe: Recipe
     build: Callable[[DataRequest], DataBundle]
     needs_root: bool = False
+    task: str = "cls"  # a name may have one spec per task (shapes: labels for cls, masks for seg)
 
 
-_DATASETS: dict[str, DatasetSpec] = {}
+_DATASETS: dict[tuple[str, str], DatasetSpec] = {}  # (task, name) -> spec
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    _DATASETS[spec.name] = spec
+    _DATASETS[(spec.task, spec.name)] = spec
     return spec
 
 
-def dataset_names() -> list[str]:
-    return sorted(_DATASETS)
+def dataset_names(task: str | None = None) -> list[str]:
+    """Dataset names, of one task or of all."""
+    return sorted({name for t, name in _DATASETS if task in (None, t)})
 
 
-def get_dataset(name: str) -> DatasetSpec:
-    if name not in _DATASETS:
+def dataset_specs() -> list[DatasetSpec]:
+    """Every registered spec, by name then task (for `kdzoo list datasets`)."""
+    return [_DATASETS[key] for key in sorted(_DATASETS, key=lambda k: (k[1], k[0]))]
+
+
+def get_dataset(name: str, task: str = "cls") -> DatasetSpec:
+    if (task, name) in _DATASETS:
+        return _DATASETS[(task, name)]
+    tasks = sorted(t for t, n in _DATASETS if n == name)
+    if tasks:
         raise UserError(
-            f"unknown dataset {name!r}.{close_matches(name, _DATASETS)} Available: {', '.join(dataset_names())}"
+            f"dataset {name!r} is for --task {' or '.join(tasks)}, not {task}; add --task {tasks[0]} "
+            f"or pick a {task} dataset: {', '.join(dataset_names(task))}"
         )
-    return _DATASETS[name]
+    names = dataset_names(task)
+    raise UserError(f"unknown dataset {name!r}.{close_matches(name, names)} Available for --task {task}: {', '.join(names)}")
 
 
 def _subset(images, targets, size):
@@ -229,3 +241,7 @@ register_dataset(DatasetSpec(
     None, 224, Recipe(epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, schedule="step", milestones=(30, 60, 90)),
     _build_imagefolder, needs_root=True,
 ))
+
+
+# segmentation datasets (shapes with masks, voc, cityscapes) register themselves on import
+from . import segmentation as _segmentation  # noqa: E402,F401
