@@ -193,7 +193,7 @@ def probe_shapes(model: nn.Module, names, input_size: int, in_chans: int = 3) ->
             except RuntimeError as e:  # e.g. a kernel larger than a map that too many strides shrank
                 raise UserError(
                     f"{type(model).__name__} cannot process {input_size}×{input_size} inputs "
-                    f"({str(e).splitlines()[0][:100]}); use a larger --input-size or a model with less down-sampling"
+                    f"({_first_sentence(str(e))}); use a larger --input-size or a model with less down-sampling"
                 ) from None
             shapes = {k: tuple(v.shape[1:]) for k, v in taps.pop().items()}
     finally:
@@ -226,3 +226,10 @@ def describe_all_modules(model: nn.Module, input_size: int) -> list[tuple[str, s
         for h in handles:
             h.remove()
     return [(p, type(m).__name__, shapes.get(p, "-")) for p, m in modules]
+
+
+def _first_sentence(message: str, limit: int = 160) -> str:
+    """The first sentence of an error message, whole when it fits: enough to say what broke."""
+    first = message.splitlines()[0] if message else ""
+    sentence = first.split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[: limit - 1] + "…"
