@@ -26,6 +26,16 @@ def _bool_flag(parser, name: str, help: str, default=None):
     parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=default, help=help)
 
 
+def _execution_flags(parser) -> None:
+    """How a step executes, shared by `run` and `speed` so that `speed` measures what a run does."""
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    _bool_flag(parser, "amp", "bf16 autocast on CUDA (default on)")
+    _bool_flag(parser, "channels-last", "channels_last memory format (default on)")
+    _bool_flag(parser, "compile", "torch.compile the student after its hooks are registered, and the teacher separately")
+    _bool_flag(parser, "small-input-stem", "3x3 stride-1 stem without max-pool for ResNets (default: on for inputs <= 64 px)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdzoo", description="A pluggable knowledge-distillation method zoo for PyTorch and timm.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -57,12 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gamma", type=float, default=None)
     run.add_argument("--warmup-epochs", type=float, default=None)
     run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    _bool_flag(run, "amp", "bf16 autocast on CUDA (default on)")
-    _bool_flag(run, "channels-last", "channels_last memory format (default on)")
-    _bool_flag(run, "compile", "torch.compile the student after its hooks are registered, and the teacher separately")
-    _bool_flag(run, "small-input-stem", "3x3 stride-1 stem without max-pool for ResNets (default: on for inputs <= 64 px)")
+    _execution_flags(run)
     _bool_flag(run, "pretrained", "initialise the student from timm's pretrained weights (needs internet once)")
     run.add_argument("--teacher-checkpoint", default=None, help="teacher weights: a kdzoo checkpoint or a state_dict")
     _bool_flag(run, "teacher-pretrained", "start the teacher from timm's pretrained weights (needs internet once)")
@@ -110,12 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--steps", type=int, default=20, help="timed steps per phase (default 20)")
     speed.add_argument("--rounds", type=int, default=10, help="interleaved rounds the steps are split into (default 10)")
     speed.add_argument("--warmup", type=int, default=3, help="untimed steps per phase first (default 3)")
-    speed.add_argument("--seed", type=int, default=None)
-    speed.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    _bool_flag(speed, "amp", "bf16 autocast on CUDA (default on)")
-    _bool_flag(speed, "channels-last", "channels_last memory format (default on)")
-    _bool_flag(speed, "compile", "torch.compile the student (hooks registered first) and the teacher")
-    _bool_flag(speed, "small-input-stem", "3x3 stride-1 stem without max-pool for ResNets (default: on for inputs <= 64 px)")
+    _execution_flags(speed)
     speed.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     speed.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a method hyperparameter (repeatable)")

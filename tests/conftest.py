@@ -17,6 +17,15 @@ TINY = dict(model="test_resnet", dataset="shapes", input_size=16, train_size=96,
             batch_size=16, epochs=2, device="cpu", workers=0, **RECIPE)
 
 
+@pytest.fixture
+def one_thread():
+    """For tests of tiny tensors: one thread is as fast, and does not stall when the cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(tmp_path, **overrides) -> RunConfig:
     values = {**TINY, "output": str(tmp_path / "runs"), **overrides}
     return RunConfig(**values)

@@ -4,7 +4,6 @@ import json
 import threading
 
 import pytest
-import torch
 
 from kdzoo.bench import run_suite
 from kdzoo.bench_status import read_status, status_path
@@ -38,13 +37,7 @@ models = ["resnet81"]
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and does not collapse when the 2 cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(tmp_path, text, name="tiny"):

@@ -17,13 +17,7 @@ from kdzoo.speed import PHASES, SpeedBench, _tensor_bytes, measure
 TINY = dict(model="test_resnet", teacher="test_resnet", input_size=16, batch_size=8, train_size=32, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on shared cores thread barriers stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hooks(model: torch.nn.Module) -> int:
