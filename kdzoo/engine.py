@@ -26,7 +26,6 @@ from . import distributed
 from .checkpoint import read_checkpoint
 from .config import RunConfig, hash_recipe
 from .data import DataRequest, get_dataset
-from .data.loaders import to_float
 from .errors import UserError
 from .hooks import FeatureTaps
 from .method import Method
@@ -35,8 +34,7 @@ from .optim import build_optimizer, build_scheduler
 from .registry import get_method
 from .runs import RunDir, command_line, git_commit, versions
 from .settings import apply_overrides
-from .step import TrainStep, compile_networks, prepare_networks
-from .step import autocast as _autocast
+from .step import TrainStep, compile_networks, eval_batches, prepare_networks
 from .tasks import get_task
 
 CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
@@ -195,27 +193,14 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
 
 def evaluate(model: nn.Module, loader, normalize, device, amp: bool, channels_last: bool) -> dict[str, float]:
     """Top-1, top-5 and mean cross-entropy of ``model`` on ``loader``."""
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = 0.0
-    loss_sum, count = 0.0, 0
-    with torch.no_grad(), _autocast(device, amp):
-        for images, targets in loader:
-            images = normalize(to_float(images))
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            logits = model(images).float()
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hits = top.eq(targets[:, None])
-            correct1 += hits[:, 0].sum().item()
-            correct5 += hits.any(dim=1).sum().item()
-            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            count += len(targets)
-    model.train(was_training)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, count: one host sync
+    for logits, targets in eval_batches(model, loader, normalize, device, amp, channels_last):
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+        sums += torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                             nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
+                             torch.tensor(len(targets), dtype=torch.float64, device=device)])
     # each process saw its share of the test set: add the sums up over processes
-    totals = distributed.all_reduce_sum(torch.tensor([correct1, correct5, loss_sum, count], dtype=torch.float64, device=device))
-    correct1, correct5, loss_sum, count = totals.tolist()
+    correct1, correct5, loss_sum, count = distributed.all_reduce_sum(sums).tolist()
     return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count}
 
 

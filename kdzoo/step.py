@@ -34,6 +34,26 @@ def autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+def eval_batches(model: nn.Module, loader, normalize, device: torch.device, amp: bool, channels_last: bool):
+    """(float32 logits, targets) of ``model`` in eval mode over ``loader``, without gradients.
+
+    Every task's evaluation reads the test set the same way: the input pipeline of a training
+    step (normalise, memory format, autocast) with the model in eval mode, restored afterwards
+    even when the caller stops early or fails.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(device, amp):
+            for images, targets in loader:
+                images = normalize(to_float(images))
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                yield model(images).float(), targets
+    finally:
+        model.train(was_training)
+
+
 def prepare_networks(student: nn.Module | None, teacher: nn.Module | None, method: Method | None,
                      channels_last: bool, device: torch.device) -> None:
     """Put the networks in their training form, in place (any of them may be ``None``).

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError, close_matches
-from .data.loaders import to_float
 from .metrics import IGNORE_INDEX, confusion_matrix, segmentation_scores
 
 TASKS = ("cls", "seg")
@@ -84,25 +83,15 @@ def evaluate_segmentation(model: nn.Module, loader, num_classes: int, normalize,
                           channels_last: bool) -> dict[str, Any]:
     """mIoU, pixel accuracy and per-class IoU from the confusion matrix of the whole test set,
     and the mean cross-entropy per labelled pixel."""
-    from .engine import _autocast
+    from .step import eval_batches
 
-    was_training = model.training
-    model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     loss_sum, labelled = 0.0, 0
-    try:
-        with torch.no_grad(), _autocast(device, amp):
-            for images, masks in loader:
-                images = normalize(to_float(images))
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                logits = model(images).float()
-                masks = masks.long()
-                conf += confusion_matrix(logits.argmax(dim=1), masks, num_classes)
-                loss_sum += F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
-                labelled += int((masks != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
+    for logits, masks in eval_batches(model, loader, normalize, device, amp, channels_last):
+        masks = masks.long()
+        conf += confusion_matrix(logits.argmax(dim=1), masks, num_classes)
+        loss_sum += F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        labelled += int((masks != IGNORE_INDEX).sum())
     # under DDP each process saw its share of the test set: add the counts up over processes
     from . import distributed
     conf = distributed.all_reduce_sum(conf)
