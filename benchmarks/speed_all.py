@@ -5,7 +5,9 @@ are those of the project's speed issue: ``hook_overhead`` ≤ 1.03 everywhere; `
 for logit and embedding methods (kd, relational_kd, ccd and kd_jda, whose plain phases see both
 views), ≤ 1.15 for feature methods (nfd, lakd). FRSKD has no teacher: its line is the cost of its
 self-teacher over the plain step, reported without a target; baseline's line shows the noise
-floor (its method step *is* the plain step, so its ratios should be 1.00).
+floor (its method step *is* the plain step, so its ratios should be 1.00). Peak memory: the
+method step's peak over the plain step's plus the teacher forward's, target ≤ 1.10 (FRSKD's is its
+self-teacher's memory over the plain step, without a target).
 
     python benchmarks/speed_all.py [--model resnet18 --teacher resnet34] [--batch-size 32]
         [--steps 10 --rounds 5 --warmup 2] [--device auto] [--compile] [--write benchmarks/RESULTS.md]
@@ -46,11 +48,15 @@ def verdict(value: float | None, target: float | None) -> str:
     return f"{value:.3f} {'✓' if value <= target else '✗ (target ≤ %.2f)' % target}"
 
 
+def mem_mb(phase: dict) -> str:
+    return "not measured" if phase["peak_mem_mb"] is None else f"{phase['peak_mem_mb']:.0f}"
+
+
 def table(results: list[dict]) -> str:
     lines = ["| method | images / pass | (a) student step ms | (b) teacher fwd ms | (c) method step ms "
              "| (d) hooked step ms | (c) img/s | overhead (c)/((a)+(b)) | hook_overhead (d)/(a) "
-             "| peak memory (c)/((a)+(b)) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| (c) peak MB | peak memory (c)/((a)+(b)) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = r["phases"]
         b = f"{p['teacher_forward']['ms_per_step']:.1f}" if "teacher_forward" in p else "–"
@@ -62,7 +68,7 @@ def table(results: list[dict]) -> str:
             f"| {p['method_step']['ms_per_step']:.1f} | {p['hooked_step']['ms_per_step']:.1f} "
             f"| {p['method_step']['img_per_s']:.1f} | {verdict(r['overhead'], TARGETS.get(r['method']))} "
             f"| {verdict(r['hook_overhead'], HOOK_TARGET)} "
-            f"| {verdict(r['memory_ratio'], MEMORY_TARGET if r['memory_ratio'] is not None else None)} |")
+            f"| {mem_mb(p['method_step'])} | {verdict(r['memory_ratio'], MEMORY_TARGET if r['teacher'] else None)} |")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .config import RunConfig
+from .cpu_memory import cpu_peak_bytes
 from .data import DataRequest, get_dataset
 from .data.loaders import InMemoryLoader, to_float
 from .engine import Normalize, resolve_device, validate
@@ -62,11 +63,13 @@ LABELS = {
 @dataclass
 class Phase:
     """A timed unit of work: ``run(n)`` performs n steps; ``resident`` are the tensors the
-    phase keeps between steps (parameters, buffers, gradients, optimiser state)."""
+    phase keeps between steps (parameters, buffers, gradients, optimiser state); ``optimizer``
+    is the training phases' optimiser, whose gradients the CPU memory reading drops first."""
 
     name: str
     run: Callable[[int], None]
     resident: Callable[[], int]
+    optimizer: torch.optim.Optimizer | None = None
     seconds: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
 
@@ -161,7 +164,7 @@ class SpeedBench:
         return taps
 
     def _step(self, method: Method, student: nn.Module, teacher: nn.Module | None, loader: InMemoryLoader,
-              s_names, t_names, install: bool) -> tuple[Callable[[int], None], Callable[[], int]]:
+              s_names, t_names, install: bool) -> tuple[Callable[[int], None], Callable[[], int], torch.optim.Optimizer]:
         cfg, device = self.cfg, self.device
         prepare_networks(student, teacher, method, cfg.channels_last, device)
         params = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
@@ -185,7 +188,7 @@ class SpeedBench:
                 # progress 0.5 (mid-training): no built-in method's cost depends on it
                 step(images, targets, 0, next(counter), 0.5)
 
-        return run, _resident([student, teacher, method], optimizer)
+        return run, _resident([student, teacher, method], optimizer), optimizer
 
     def _teacher_phase(self, teacher: nn.Module) -> tuple[Callable[[int], None], Callable[[], int]]:
         cfg, device = self.cfg, self.device
@@ -257,6 +260,16 @@ class SpeedBench:
                 if cuda:
                     peak = resident + torch.cuda.max_memory_allocated(self.device) - start_bytes
                     phase.peak_bytes = max(phase.peak_bytes or 0, peak)
+        if not cuda:  # the CPU keeps no high-water mark: replay one untimed, profiled step per phase
+            if progress:
+                progress("measuring peak memory")
+            for phase in self.phases:
+                if phase.optimizer is not None:
+                    # the step sets gradients to None before its backward anyway; doing it first lets
+                    # the profiler see their whole life instead of counting them twice (kept + new)
+                    phase.optimizer.zero_grad(set_to_none=True)
+                transient = cpu_peak_bytes(lambda: phase.run(1))
+                phase.peak_bytes = None if transient is None else phase.resident() + transient
         return self.report(steps, rounds, warmup)
 
     def report(self, steps: int, rounds: int, warmup: int) -> dict[str, Any]:
@@ -363,9 +376,12 @@ def print_report(result: dict[str, Any], console) -> None:
                       f"(time per step; no teacher: this is the method's own cost, e.g. a self-teacher)")
     console.print(f"hook_overhead = (d) / (a) = {result['hook_overhead']:.3f}  (time per step)")
     if result["memory_ratio"] is not None:
-        console.print(f"memory        = peak(c) / (peak(a) + peak(b)) = {result['memory_ratio']:.3f}")
+        source = "CUDA allocator" if result["device"].startswith("cuda") else "profiled CPU allocations"
+        parts = "(a) + (b)" if result["teacher"] else "(a)"
+        console.print(f"memory        = peak(c) / ({parts}) = {result['memory_ratio']:.3f}  "
+                      f"(peak = tensors kept between steps + the step's own high-water mark; {source})")
     else:
-        console.print("memory        = not measured on the CPU (peak memory is read from the CUDA allocator)")
+        console.print("memory        = not measured (this torch's profiler reports no CPU allocation events)")
     console.print(f"[dim]{result['steps']} timed steps per phase in {result['rounds']} interleaved rounds after "
                   f"{result['warmup']} warm-up steps; amp={result['amp']} channels_last={result['channels_last']} "
                   f"compile={result['compile']}; {result['threads']} threads, torch {result['torch']}[/]")

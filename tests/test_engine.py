@@ -43,7 +43,7 @@ def test_run_writes_a_complete_folder_and_lowers_the_loss(tmp_path, quiet_consol
 
 def test_same_seed_same_losses(tmp_path, quiet_console):
     a = run(tiny_config(tmp_path, run_name="a"), console=quiet_console)
-    b = run(tiny_config(tmp_path, run_name="b"), console=quiet_console)
+    run(tiny_config(tmp_path, run_name="b"), console=quiet_console)
     rows_a, rows_b = _metrics(tmp_path / "runs" / "a"), _metrics(tmp_path / "runs" / "b")
     loss_columns = [c for c in rows_a[0] if c.startswith("train_") or c.startswith("test_")]
     assert [[r[c] for c in loss_columns] for r in rows_a] == [[r[c] for c in loss_columns] for r in rows_b]

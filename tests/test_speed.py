@@ -12,6 +12,7 @@ from kdzoo import step as step_module
 from kdzoo.cli import main
 from kdzoo.config import RunConfig
 from kdzoo.hooks import resolve_taps
+from kdzoo.cpu_memory import cpu_peak_bytes
 from kdzoo.speed import PHASES, SpeedBench, _tensor_bytes, measure
 
 TINY = dict(model="test_resnet", teacher="test_resnet", input_size=16, batch_size=8, train_size=32, device="cpu")
@@ -36,8 +37,8 @@ def test_report_ratios_are_ratios_of_the_phase_times():
         assert len(p["rounds_ms"]) == 3
         assert p["ms_per_step"] == pytest.approx(sorted(p["rounds_ms"])[1])  # the median of three rounds
         assert p["img_per_s"] == pytest.approx(8 / (p["ms_per_step"] / 1000))
-        assert p["peak_mem_mb"] is None  # the CPU has no allocator statistics: not measured, not guessed
-    assert result["memory_ratio"] is None
+    mem = {name: p["peak_mem_mb"] for name, p in phases.items()}
+    assert result["memory_ratio"] == pytest.approx(mem["method_step"] / (mem["student_step"] + mem["teacher_forward"]))
     assert result["images_per_pass"] == 8
 
 
@@ -87,8 +88,46 @@ def test_every_student_phase_runs_the_engines_train_step(monkeypatch):
 
     monkeypatch.setattr(step_module.TrainStep, "__call__", counting)
     measure(RunConfig(method="kd", **TINY), steps=2, rounds=1, warmup=1)
-    # (a) and (d) are the baseline's step, (c) the method's: 1 warm-up + 2 timed steps each
-    assert sorted(calls) == sorted(["baseline"] * 6 + ["kd"] * 3)
+    # (a) and (d) are the baseline's step, (c) the method's: 1 warm-up + 2 timed + 1 profiled for memory
+    assert sorted(calls) == sorted(["baseline"] * 8 + ["kd"] * 4)
+
+
+def test_cpu_peak_bytes_replays_allocations_and_frees_in_order():
+    def work():
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)  # 3 MiB held here: the peak
+        del a
+        c = torch.empty(1 << 19, dtype=torch.uint8)  # 2.5 MiB
+        return b, c
+
+    assert cpu_peak_bytes(work) == 3 << 20
+
+
+def test_cpu_peak_bytes_counts_only_what_the_work_allocates():
+    held = [torch.ones(4 << 20, dtype=torch.uint8)]  # allocated before: neither counted nor subtracted when freed
+
+    def work():
+        held.clear()
+        return torch.empty(3 << 20, dtype=torch.uint8)
+
+    assert cpu_peak_bytes(work) == 3 << 20
+
+
+def test_cpu_peaks_hold_the_kept_tensors_plus_the_steps_own_memory():
+    bench = SpeedBench(RunConfig(method="kd", **TINY))
+    try:
+        resident = {p.name: p.resident() for p in bench.phases}
+        result = bench.measure(steps=1, rounds=1, warmup=1)
+    finally:
+        bench.close()
+    peaks = {name: p["peak_mem_mb"] * 2**20 for name, p in result["phases"].items()}
+    # a training step allocates at least one gradient per parameter beyond what it keeps
+    student = bench.networks["student_step"]
+    grads = _tensor_bytes(list(student.parameters()))
+    assert peaks["student_step"] >= resident["student_step"] + grads
+    assert resident["teacher_forward"] < peaks["teacher_forward"] < resident["teacher_forward"] + 64 * 2**20
+    # the method step holds both networks' memory at once, so it needs more than either alone
+    assert peaks["method_step"] > max(peaks["student_step"], peaks["teacher_forward"])
 
 
 def test_tensor_bytes_counts_shared_storage_once():
