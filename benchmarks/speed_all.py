@@ -95,7 +95,9 @@ def main() -> None:
     text = (f"{header(first['device'])}\n{args.model} ← {args.teacher} on shapes at {first['input_size']} px, batch "
             f"{args.batch_size}; {args.steps} timed steps per phase in {args.rounds} interleaved rounds after "
             f"{args.warmup} warm-up steps; medians. amp={first['amp']}, channels_last={first['channels_last']}, "
-            f"compile={first['compile']}. Ratios are of time per step.\n\n{table(results)}\n")
+            f"compile={first['compile']}. overhead and hook_overhead are ratios of time per step; peak memory is "
+            f"of bytes ({'the CUDA allocator' if first['device'].startswith('cuda') else 'one profiled step per phase'}"
+            f", docs/speed.md).\n\n{table(results)}\n")
     print(text)
     if args.json:
         with open(args.json, "w") as f:

@@ -59,7 +59,8 @@ class RunConfig:
         spec = get_dataset(self.dataset, self.task)
         recipe = spec.recipe
         values = dataclasses.asdict(self)
-        for key in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "nesterov"):
+        for key in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "nesterov",
+                    "train_size", "test_size"):
             if values[key] is None:
                 values[key] = getattr(recipe, key)
         if values["milestones"] is None:

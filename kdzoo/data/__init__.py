@@ -34,6 +34,11 @@ class Recipe:
     nesterov: bool = False
     optimizer: str = "sgd"
     teacher_epochs: int | None = None  # cached teachers train this long (None: same as epochs)
+    # images per split: how many a generated dataset makes (None: the whole split of a real one).
+    # Part of the recipe so that they enter every run's hash: a cached teacher trained on another
+    # amount of data is never taken for this recipe's.
+    train_size: int | None = None
+    test_size: int | None = None
 
 
 @dataclass
@@ -135,7 +140,7 @@ register_dataset(DatasetSpec(
     # AdamW with a short warm-up; batch 32 gives twice the steps of 64 for the same images, and
     # steps are what a CPU budget lacks. Cached teachers get two epochs (625 steps).
     10, 16, Recipe(epochs=1, batch_size=32, lr=5e-3, weight_decay=0.05, optimizer="adamw", warmup_epochs=0.1,
-                   teacher_epochs=2),
+                   teacher_epochs=2, train_size=SHAPES_TRAIN, test_size=SHAPES_TEST),
     _build_shapes,
 ))
 

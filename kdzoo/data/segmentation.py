@@ -77,7 +77,7 @@ def _bundle(train, test, num_classes, size, mean, std, joint: JointAugment, clas
 
 
 # -- shapes, with masks ----------------------------------------------------------------------
-SHAPES_SEG_SIZE, SHAPES_SEG_TRAIN, SHAPES_SEG_TEST = 32, 2000, 300
+SHAPES_SEG_SIZE, SHAPES_SEG_TRAIN, SHAPES_SEG_TEST = 32, 8000, 300
 SHAPES_SEG_CLASSES = ("background", *shapes_module.CLASSES)
 
 
@@ -99,8 +99,12 @@ register_dataset(DatasetSpec(
     len(SHAPES_SEG_CLASSES), SHAPES_SEG_SIZE,
     # AdamW as for classification. Batch 16: from scratch, a segmentation net first sits on the
     # background prior for ~100 steps (measured: pixel accuracy ≈ background share up to step 100
-    # at batch 16), so the recipe buys steps rather than images per step. Figures in docs/segmentation.md.
-    Recipe(epochs=4, batch_size=16, lr=3e-3, weight_decay=0.05, optimizer="adamw", warmup_epochs=0.25, teacher_epochs=4),
+    # at batch 16), so the recipe buys steps rather than images per step, and fresh images rather
+    # than repeats: 3 epochs of 8,000 took resnet18 to mIoU 57 % where 4 epochs of 2,000 gave 19 %.
+    # The teacher trains one epoch longer: a resnet50 needs more steps than a resnet18 to pass it.
+    # Figures in docs/segmentation.md.
+    Recipe(epochs=3, batch_size=16, lr=3e-3, weight_decay=0.05, optimizer="adamw", warmup_epochs=0.25, teacher_epochs=4,
+           train_size=SHAPES_SEG_TRAIN, test_size=SHAPES_SEG_TEST),
     _build_shapes_seg, task="seg",
 ))
 
