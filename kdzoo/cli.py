@@ -251,6 +251,12 @@ def cmd_list(args) -> int:
         for spec in dataset_specs():
             r = spec.recipe
             recipe = f"{r.epochs} ep, {r.optimizer} lr {r.lr}, batch {r.batch_size}, wd {r.weight_decay}, {r.schedule}"
+            if r.train_size:
+                recipe += f", {r.train_size:,} train images"
+            if r.test_size:
+                recipe += f", {r.test_size:,} test images"
+            if r.teacher_epochs:
+                recipe += f"; teachers {r.teacher_epochs} ep"
             table.add_row(spec.name, spec.task, str(spec.num_classes or "from folders"), str(spec.input_size), recipe,
                           spec.description)
         console.print(table)

@@ -135,3 +135,9 @@ def test_shipped_suites_expand(tmp_path):
     assert all(c.dataset == "cifar100" and c.epochs == 240 and c.milestones == [150, 180, 210] for c in cifar.cells)
     imagenet = load_suite(root / "imagenet.toml")
     assert {(c.method, c.teacher) for c in imagenet.cells} == {("baseline", None), ("kd", "resnet34")}
+    voc = load_suite(root / "voc.toml")
+    assert all(c.task == "seg" and c.dataset == "voc" and c.teacher in (None, "resnet101") for c in voc.cells)
+    seg = load_suite(root / "seg_shapes.toml")
+    assert sorted((c.method, c.teacher) for c in seg.cells) == [
+        ("baseline", None), ("frskd", None), ("kd", "resnet50"), ("nfd", "resnet50")]
+    assert all(c.task == "seg" and c.dataset == "shapes" and c.model == "resnet18" for c in seg.cells)
