@@ -36,15 +36,16 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _allocations(prof) -> list[tuple[int, int]]:
-    """(time in ns, signed size in bytes) of every CPU allocation and free the profiler saw."""
-    events: list[tuple[int, int]] = []
+def _allocations(prof) -> list[tuple[int, int, int]]:
+    """(time in ns, address, signed size in bytes) of every CPU allocation and free the profiler saw."""
+    events: list[tuple[int, int, int]] = []
     allocation = torch._C._profiler._EventType.Allocation
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
-        if node.tag == allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        fields = node.extra_fields
+        if node.tag == allocation and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.ptr, fields.alloc_size))
         stack.extend(node.children)
     return sorted(events)
 
@@ -52,10 +53,12 @@ def _allocations(prof) -> list[tuple[int, int]]:
 def cpu_peak_bytes(work: Callable[[], object]) -> int | None:
     """Run ``work`` once and return the most CPU bytes it allocated and held at one time.
 
-    The profiler sees only allocations made while it runs, so freeing a tensor that existed
-    before ``work`` started does not lower the count: on CPU the figure is an upper bound of
-    what CUDA's ``max_memory_allocated`` delta would say. None when this torch's profiler
-    exposes no allocation events (a private interface; checked, not assumed)."""
+    Only frees of blocks that ``work`` allocated count against it. The profiler also reports the
+    free of a tensor allocated in an earlier profiling session, and never one allocated outside
+    any, so counting those would make the figure depend on what was profiled before. On CPU the
+    figure is therefore an upper bound of CUDA's ``max_memory_allocated`` delta, which also
+    counts freeing what existed before. None when this torch's profiler exposes no allocation
+    events (a private interface; checked, not assumed)."""
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         work()
     with _quiet_stderr():
@@ -63,8 +66,13 @@ def cpu_peak_bytes(work: Callable[[], object]) -> int | None:
             events = _allocations(prof)
         except AttributeError:
             return None
+    live: dict[int, int] = {}  # address -> size of the blocks ``work`` allocated and still holds
     held = peak = 0
-    for _, size in events:
-        held += size
-        peak = max(peak, held)
+    for _, address, size in events:
+        if size > 0:
+            live[address] = size
+            held += size
+            peak = max(peak, held)
+        elif address in live:
+            held -= live.pop(address)
     return peak

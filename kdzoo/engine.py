@@ -175,10 +175,15 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
     student = create_model(cfg.model, data.num_classes, data.input_size, cfg.small_input_stem, cfg.pretrained,
                            cfg.task).to(device)
     s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student)
+    after_student = torch.get_rng_state()
 
     teacher, teacher_score, teacher_source = None, None, None
     if cfg.teacher:
         teacher, teacher_score, teacher_source = obtain_teacher(cfg, data, device, console, stop)
+        # Training a teacher here draws random numbers that reading it from the cache does not:
+        # rewind, so that the method's own modules (NFD's and CCD's adapters, ...) start the same
+        # either way and the first and the second call of one command give one result.
+        torch.set_rng_state(after_student)
     t_info = model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher) if teacher is not None else None
     if t_info is not None and t_info.shapes["logits"] != s_info.shapes["logits"]:
         raise UserError(

@@ -117,6 +117,18 @@ def test_kd_trains_and_caches_its_teacher(tmp_path, capsys):
     assert len(teachers) == 1 and (teachers[0] / "result.json").is_file()
 
 
+def test_a_cached_teacher_gives_the_result_of_the_call_that_trained_it(tmp_path, capsys):
+    # nfd has modules of its own (adapters): they must not start differently because the first
+    # call drew random numbers to train the teacher and the second read it from the cache
+    args = tiny_args(tmp_path, "--method", "nfd", "--teacher", "test_resnet", "--teacher-epochs", "1")
+    assert main([*args, "--run-name", "first"]) == 0
+    assert main([*args, "--run-name", "second"]) == 0
+    assert "using the cached teacher" in capsys.readouterr().err
+    first, second = _metrics(tmp_path / "runs" / "first"), _metrics(tmp_path / "runs" / "second")
+    columns = [c for c in first[0] if c.startswith("train_") or c.startswith("test_")]
+    assert [[r[c] for c in columns] for r in first] == [[r[c] for c in columns] for r in second]
+
+
 def test_teacher_checkpoint_of_another_architecture_is_refused(tmp_path, capsys):
     from kdzoo.models import create_model
 

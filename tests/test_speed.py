@@ -111,6 +111,10 @@ def test_cpu_peak_bytes_counts_only_what_the_work_allocates():
         return torch.empty(3 << 20, dtype=torch.uint8)
 
     assert cpu_peak_bytes(work) == 3 << 20
+    # nor one allocated during an earlier profiled step (the profiler would report that free)
+    held.append(None)
+    cpu_peak_bytes(lambda: held.__setitem__(0, torch.ones(1 << 20, dtype=torch.uint8)))
+    assert cpu_peak_bytes(work) == 3 << 20
 
 
 def test_cpu_peaks_hold_the_kept_tensors_plus_the_steps_own_memory():
