@@ -34,7 +34,7 @@ import statistics
 import time
 
 import torch
-from results_md import header, write_section
+from results_md import add_workload_arguments, header, write_section
 
 from kdzoo.config import RunConfig
 from kdzoo.data.loaders import to_float
@@ -180,17 +180,9 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="kd,rkd")
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--teacher", default="resnet34")
-    parser.add_argument("--input-size", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="auto")
+    add_workload_arguments(parser, batch_size=64, steps=20, rounds=10, warmup=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a Markdown table")
-    parser.add_argument("--write", default=None, metavar="RESULTS.md", help="also write the table into this file")
     args = parser.parse_args()
     args.rounds = max(1, min(args.rounds, args.steps))
     rows = [compare(method, args) for method in args.methods.split(",")]

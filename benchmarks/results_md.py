@@ -1,4 +1,5 @@
-"""Shared by the speed benchmarks: describe the machine and replace one section of RESULTS.md.
+"""Shared by the speed benchmarks: their common arguments, a description of the machine, and
+replacing one section of RESULTS.md.
 
 Each script owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``, so rerunning
 one benchmark rewrites its own table and leaves every other section of the file as it was.
@@ -50,3 +51,17 @@ def write_section(path: str | Path, name: str, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(new)
     tmp.replace(path)
+
+
+def add_workload_arguments(parser, batch_size: int, steps: int, rounds: int, warmup: int) -> None:
+    """The arguments every speed benchmark takes: which networks, how big a batch, how many timed
+    steps in how many interleaved rounds, on which device, and where to write the table."""
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--teacher", default="resnet34")
+    parser.add_argument("--input-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--write", default=None, metavar="RESULTS.md", help="also write the table into this file")

@@ -20,7 +20,7 @@ import json
 import subprocess
 import sys
 
-from results_md import header, write_section
+from results_md import add_workload_arguments, header, write_section
 
 TARGETS = {"kd": 1.10, "relational_kd": 1.10, "ccd": 1.10, "kd_jda": 1.10, "nfd": 1.15, "lakd": 1.15}
 HOOK_TARGET = 1.03
@@ -75,16 +75,8 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--teacher", default="resnet34")
-    parser.add_argument("--input-size", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="auto")
+    add_workload_arguments(parser, batch_size=32, steps=10, rounds=5, warmup=2)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--write", default=None, metavar="RESULTS.md", help="also write the table into this file")
     parser.add_argument("--json", default=None, metavar="FILE", help="also save every raw measurement")
     args = parser.parse_args()
     results = []

@@ -2,8 +2,9 @@
 
 CUDA's caching allocator keeps a high-water mark (``torch.cuda.max_memory_allocated``); the CPU
 allocator keeps none. PyTorch's profiler, run with ``profile_memory=True``, records every CPU
-allocation and free with its size, so replaying those events in time order gives the same number
-CUDA reports: the most bytes the work held above what was already allocated when it started.
+allocation and free with its size, so replaying those events in time order gives nearly the
+number CUDA reports: the most bytes the work allocated and held at once (see ``cpu_peak_bytes``
+for the one difference).
 Process RSS is no substitute: glibc keeps freed pages, so RSS says little about one step.
 
 Profiling slows the work down, so the speed command runs this on a separate, untimed step.
