@@ -36,12 +36,12 @@ import time
 import torch
 from results_md import add_workload_arguments, header, write_section
 
+from kdzoo.bench.speed import SpeedBench, _batches, _device_name
 from kdzoo.config import RunConfig
 from kdzoo.data.loaders import to_float
 from kdzoo.hooks import FeatureTaps
 from kdzoo.method import NetOutputs, StepOutputs
 from kdzoo.registry import get_method
-from kdzoo.speed import SpeedBench, _batches, _device_name
 from kdzoo.step import autocast
 
 

@@ -21,7 +21,7 @@ import torch
 from results_md import header, write_section
 from torch._dynamo.utils import counters
 
-from kdzoo import speed
+from kdzoo.bench import speed
 from kdzoo.config import RunConfig
 from kdzoo.registry import method_names
 from kdzoo.step import compile_networks

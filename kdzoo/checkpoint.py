@@ -21,7 +21,6 @@ import torch
 
 from .errors import UserError
 
-
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp" next to their target

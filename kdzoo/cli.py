@@ -156,10 +156,9 @@ def config_from_args(args) -> tuple[RunConfig, bool]:
 def cmd_run(args) -> int:
     from rich.console import Console
 
+    from . import distributed
     from .engine import StopFlag, resolve_device, run, stop_on_signals
     from .registry import load_plugin
-
-    from . import distributed
 
     for plugin in args.plugin:
         load_plugin(plugin)
@@ -299,13 +298,71 @@ def cmd_hooks(args) -> int:
     return 0
 
 
-def _lazy(module: str, name: str):
-    """A command handler imported only when its command runs (`kdzoo run` need not import pandas)."""
-    def handler(args) -> int:
-        import importlib
+def cmd_speed(args) -> int:
+    import json
 
-        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
-    return handler
+    from rich.console import Console
+
+    from .bench.speed import measure, print_report
+    from .registry import load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    cfg, _ = config_from_args(args)
+    batch = cfg.resolved().batch_size
+    if cfg.train_size is None:
+        cfg = dataclasses.replace(cfg, train_size=16 * batch)
+    console = Console(stderr=True)
+    with console.status("building") as status:
+        result = measure(cfg, args.steps, args.rounds, args.warmup, progress=status.update)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_report(result, Console())
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from rich.console import Console
+
+    from .bench.runner import run_suite
+    from .bench.suite import load_suite
+    from .engine import StopFlag, stop_on_signals
+    from .registry import load_plugin
+
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    suite = load_suite(args.suite, output=args.output)
+    suite.plugins = [*args.plugin, *suite.plugins]
+    with stop_on_signals(StopFlag()) as flag:
+        return run_suite(suite, jobs=args.jobs, dry_run=args.dry_run, console=Console(stderr=True), stop=flag)
+
+
+def cmd_leaderboard(args) -> int:
+    from pathlib import Path
+
+    from .bench import leaderboard as lb
+
+    if args.plot:
+        lb.require_matplotlib()  # before any work: a missing extra is a one-line error
+    root = Path(args.runs)
+    if not root.is_dir():
+        raise UserError(f"runs folder {str(root)!r} does not exist; pass --runs DIR (the --output of kdzoo run or bench)")
+    entries, notes = lb.collect(root, include_teachers=args.teachers)
+    if not entries:
+        raise UserError(f"no runs under {str(root)!r}; train some with `kdzoo run` or `kdzoo bench SUITE.toml`, "
+                        "or pass --runs DIR (their --output folder)")
+    board = lb.build(entries)
+    errors = lb.failures(entries)
+    console = lb.wide_console()
+    for note in notes:
+        console.print(f"[dim]{note}[/]")
+    lb.print_table(board, errors, console, f"kdzoo leaderboard: {root} ({len(entries)} runs)")
+    lb.export(board, errors, args.csv, args.markdown, args.plot)
+    for label, path in (("CSV", args.csv), ("Markdown", args.markdown), ("plot", args.plot)):
+        if path:
+            console.print(f"{label}: {path}")
+    return 0
 
 
 def _name() -> str:
@@ -329,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks, "bench": _lazy("bench", "cmd_bench"),
-                   "leaderboard": _lazy("leaderboard", "cmd_leaderboard"), "speed": _lazy("speed", "cmd_speed")}[args.command]
+        handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks, "bench": cmd_bench,
+                   "leaderboard": cmd_leaderboard, "speed": cmd_speed}[args.command]
         return handler(args)
     except UserError as e:
         print(f"{_name()}: error: {e}", file=sys.stderr)

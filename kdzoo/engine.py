@@ -356,7 +356,13 @@ class Trainer:
         return result
 
     def _train_epoch(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         cfg, loader = self.cfg, self.ctx.data.train
         loader.set_epoch(self.epoch)

@@ -22,7 +22,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import TEMP_SUFFIX, atomic_write_json, atomic_write_text, save_checkpoint
+from .checkpoint import (
+    TEMP_SUFFIX,
+    atomic_write_json,
+    atomic_write_text,
+    save_checkpoint,
+)
 from .errors import UserError
 
 

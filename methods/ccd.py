@@ -2,7 +2,7 @@
 
 Both methods train on Joint Data Augmentation (JDA) pairs: every image appears twice in the
 batch, once with the standard crop and flip and once after a fixed AutoAugment sequence
-(:mod:`kdzoo.jda`), interleaved ``[orig₀, aug₀, orig₁, aug₁, …]``. Teacher and student both see
+(:mod:`kdzoo.data.jda`), interleaved ``[orig₀, aug₀, orig₁, aug₁, …]``. Teacher and student both see
 all 2B images.
 
 ``ccd`` (Cosine Confidence Distillation) weights each augmented sample's KL term by how well
@@ -24,8 +24,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdzoo.data.jda import JDA, paired_views
 from kdzoo.errors import UserError
-from kdzoo.jda import JDA, paired_views
 from kdzoo.method import Method, StepOutputs, cross_entropy, kl_div
 from kdzoo.registry import register_method
 

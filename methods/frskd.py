@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserError
-from kdzoo.method import Method, StepOutputs, Taps, cross_entropy, kl_div, pixels_as_samples
+from kdzoo.method import (
+    Method,
+    StepOutputs,
+    Taps,
+    cross_entropy,
+    kl_div,
+    pixels_as_samples,
+)
 from kdzoo.registry import register_method
 
 Size = tuple[int, int]

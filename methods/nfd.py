@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserError
-from kdzoo.method import Method, StepOutputs, Taps, cross_entropy, kl_div, pixels_as_samples
+from kdzoo.method import (
+    Method,
+    StepOutputs,
+    Taps,
+    cross_entropy,
+    kl_div,
+    pixels_as_samples,
+)
 from kdzoo.registry import register_method
 
 _STAGE = re.compile(r"^stage(\d+)$")

@@ -5,12 +5,12 @@ import threading
 
 import pytest
 
-from kdzoo.bench import run_suite
-from kdzoo.bench_status import read_status, status_path
+from kdzoo.bench.runner import run_suite
+from kdzoo.bench.status import read_status, status_path
+from kdzoo.bench.suite import cell_id, load_suite
 from kdzoo.cli import main
 from kdzoo.engine import StopFlag
 from kdzoo.locks import try_lock, unlock
-from kdzoo.suite import cell_id, load_suite
 
 DEFAULTS = """
 [defaults]

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from kdzoo.bench.leaderboard import COLUMNS, build, collect, recipe_hash
 from kdzoo.cli import main
 from kdzoo.config import RunConfig
-from kdzoo.leaderboard import COLUMNS, build, collect, recipe_hash
 
 VERSIONS = {"python": "3.11.0", "torch": "2.5.0", "timm": "1.0.0", "kdzoo": "0.1.0"}
 KD_CONFIG = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
@@ -126,7 +126,7 @@ def test_aggregates_match_hand_computed_values(runs):
 
 
 def test_teachers_on_request_and_errors_kept(runs):
-    from kdzoo.leaderboard import failures
+    from kdzoo.bench.leaderboard import failures
 
     entries, _ = collect(runs, include_teachers=True)
     assert "resnet34" in set(build(entries)["student"])

@@ -4,7 +4,7 @@ batch layout (the short end-to-end run is in test_methods_train.py)."""
 import pytest
 import torch
 
-from kdzoo import jda as J
+from kdzoo.data import jda as J
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
 from kdzoo.registry import get_method

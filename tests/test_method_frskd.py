@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from kdzoo.methods import frskd as FR
 
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods import frskd as FR
 from kdzoo.models import ModelInfo
 from kdzoo.registry import get_method
 

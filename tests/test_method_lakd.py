@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from kdzoo.methods import lakd as lakd_module
 
 from kdzoo.hooks import FeatureTaps
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods import lakd as lakd_module
 from kdzoo.models import ModelInfo, create_model, model_info
 from kdzoo.registry import get_method
 from kdzoo.settings import apply_overrides

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from kdzoo.methods import nfd as nfd_module
 
 from kdzoo.errors import UserError
 from kdzoo.hooks import FeatureTaps
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods import nfd as nfd_module
 from kdzoo.models import ModelInfo, create_model, model_info
 from kdzoo.registry import get_method
 from kdzoo.settings import apply_overrides

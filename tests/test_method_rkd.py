@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kdzoo.methods import rkd as rkd_module
 
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods import rkd as rkd_module
 from kdzoo.registry import aliases_of, get_method
 from kdzoo.settings import apply_overrides
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from kdzoo.bench.leaderboard import build, collect
 from kdzoo.cli import main
 from kdzoo.engine import run
-from kdzoo.leaderboard import build, collect
 
 from .conftest import tiny_config
 

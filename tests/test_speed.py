@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from kdzoo import step as step_module
+from kdzoo.bench.cpu_memory import cpu_peak_bytes
+from kdzoo.bench.speed import PHASES, SpeedBench, _tensor_bytes, measure
 from kdzoo.cli import main
 from kdzoo.config import RunConfig
 from kdzoo.hooks import resolve_taps
-from kdzoo.cpu_memory import cpu_peak_bytes
-from kdzoo.speed import PHASES, SpeedBench, _tensor_bytes, measure
 
 TINY = dict(model="test_resnet", teacher="test_resnet", input_size=16, batch_size=8, train_size=32, device="cpu")
 

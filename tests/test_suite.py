@@ -2,8 +2,8 @@
 
 import pytest
 
+from kdzoo.bench.suite import cell_id, load_suite
 from kdzoo.errors import UserError
-from kdzoo.suite import cell_id, load_suite
 
 
 def _suite(tmp_path, text, name="s.toml", **kwargs):

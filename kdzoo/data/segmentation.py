@@ -17,7 +17,15 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..metrics import IGNORE_INDEX
-from . import IMAGENET_MEAN, IMAGENET_STD, DataBundle, DataRequest, DatasetSpec, Recipe, register_dataset
+from . import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataBundle,
+    DataRequest,
+    DatasetSpec,
+    Recipe,
+    register_dataset,
+)
 from . import shapes as shapes_module
 from .joint import Canvas, JointAugment
 from .loaders import InMemoryLoader, TorchLoader, to_float

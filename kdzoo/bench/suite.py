@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
-from .errors import UserError, close_matches
-from .settings import apply_overrides, load_toml
+from ..config import RunConfig
+from ..errors import UserError, close_matches
+from ..settings import apply_overrides, load_toml
 
 AXES = {"methods": "method", "models": "model", "teachers": "teacher", "datasets": "dataset", "seeds": "seed"}
 TOP_LEVEL = ("name", "description", "output", "plugins", "defaults", "set", "grid")
@@ -79,7 +79,7 @@ def load_suite(path: str | Path, output: str | None = None) -> Suite:
     name = _string(data.get("name", path.stem), "name", where)
     plugins = _string_list(data.get("plugins", []), "plugins", where)
     if plugins:
-        from .registry import load_plugin
+        from ..registry import load_plugin
 
         for plugin in plugins:
             load_plugin(plugin)
@@ -173,7 +173,7 @@ def _axis(value: Any, axis: str, where: str) -> list:
 
 
 def _method_class(name: str, where: str):
-    from .registry import get_method
+    from ..registry import get_method
 
     try:
         return get_method(name)

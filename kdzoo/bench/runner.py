@@ -4,7 +4,7 @@ Each cell is a normal run (``kdzoo.engine.run`` with ``resume=True``) in the sui
 folder. A complete cell (its run folder has ``result.json``) is skipped; an incomplete one is
 resumed from its ``last.pt``; a cell that fails is recorded in ``bench-status/<run-id>.json``
 and the suite goes on. With ``--jobs 1`` cells run one after another in this process; with
-``--jobs N`` each runs in a subprocess (``python -m kdzoo.bench CELL-JSON``), one per GPU when
+``--jobs N`` each runs in a subprocess (``python -m kdzoo.bench.runner CELL-JSON``), one per GPU when
 there are several, or with the CPU cores divided between them.
 
 Concurrency: each cell is locked (``bench-status/<run-id>.lock``) while it runs, so two suites
@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bench_status import status_path, write_status
-from .config import RunConfig
-from .errors import UserError
-from .locks import try_lock, unlock
-from .runs import RunDir
-from .suite import Suite, cell_id, load_suite
-from .tasks import get_task
+from ..config import RunConfig
+from ..errors import UserError
+from ..locks import try_lock, unlock
+from ..runs import RunDir
+from ..tasks import get_task
+from .status import status_path, write_status
+from .suite import Suite, cell_id
 
 EXIT_FAILED_CELLS = 3
 
@@ -68,7 +68,7 @@ class Cell:
 # -- one cell ----------------------------------------------------------------------------------
 def run_cell(cell: Cell, suite_name: str, stop, console, attempt: str | None = None) -> str:
     """Run one cell in this process and record the outcome; returns its state."""
-    from .engine import Interrupted, run
+    from ..engine import Interrupted, run
 
     attempt = attempt or uuid.uuid4().hex
     started = time.time()
@@ -92,11 +92,11 @@ def run_cell(cell: Cell, suite_name: str, stop, console, attempt: str | None = N
 
 
 def worker_main(argv: list[str]) -> int:
-    """Subprocess entry: ``python -m kdzoo.bench '{"cell": {...}, ...}'``."""
+    """Subprocess entry: ``python -m kdzoo.bench.runner '{"cell": {...}, ...}'``."""
     from rich.console import Console
 
-    from .engine import StopFlag, stop_on_signals
-    from .registry import load_plugin
+    from ..engine import StopFlag, stop_on_signals
+    from ..registry import load_plugin
 
     payload = json.loads(argv[0])
     threads = payload.get("threads")
@@ -118,7 +118,7 @@ def worker_main(argv: list[str]) -> int:
 # -- the suite ---------------------------------------------------------------------------------
 def plan(suite: Suite) -> list[Cell]:
     """The suite's cells, checked; in the order they will be tried (see :func:`_order`)."""
-    from .engine import validate
+    from ..engine import validate
 
     cells = []
     for number, cfg in enumerate(suite.cells, 1):
@@ -151,7 +151,7 @@ def run_suite(suite: Suite, jobs: int = 1, dry_run: bool = False, console=None, 
     """Run the suite; returns the exit code (0 all complete, 3 some cells failed, 130/143 stopped)."""
     from rich.console import Console
 
-    from .engine import StopFlag
+    from ..engine import StopFlag
 
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
@@ -272,13 +272,13 @@ class Scheduler:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
         log_path = status_path(self.suite.output, cell.run_id, ".log")
         with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-            process = subprocess.Popen([sys.executable, "-m", "kdzoo.bench", json.dumps(payload)], stdout=log,
+            process = subprocess.Popen([sys.executable, "-m", "kdzoo.bench.runner", json.dumps(payload)], stdout=log,
                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
         cell.extra["log"] = str(log_path)
         self.running[slot] = (process, cell, fd, attempt)
 
     def _reap(self) -> None:
-        from .bench_status import read_status
+        from .status import read_status
 
         for slot, (process, cell, fd, attempt) in list(self.running.items()):
             code = process.poll()
@@ -369,20 +369,6 @@ def _print_leaderboard(suite: Suite, cells: list[Cell]) -> None:
     lb.print_table(board, errors, lb.wide_console(), f"suite {suite.name}")
     stem = Path(suite.output) / f"leaderboard-{suite.name}"
     lb.export(board, errors, f"{stem}.csv", f"{stem}.md")
-
-
-def cmd_bench(args) -> int:
-    from rich.console import Console
-
-    from .engine import StopFlag, stop_on_signals
-    from .registry import load_plugin
-
-    for plugin in args.plugin:
-        load_plugin(plugin)
-    suite = load_suite(args.suite, output=args.output)
-    suite.plugins = [*args.plugin, *suite.plugins]
-    with stop_on_signals(StopFlag()) as flag:
-        return run_suite(suite, jobs=args.jobs, dry_run=args.dry_run, console=Console(stderr=True), stop=flag)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from typing import Any
 
 import pandas as pd
 
-from .bench_status import STATUS_DIR, read_statuses
-from .checkpoint import atomic_write_bytes, atomic_write_text
-from .config import hash_recipe
-from .errors import UserError
+from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..config import hash_recipe
+from ..errors import UserError
+from .status import STATUS_DIR, read_statuses
 
 # The metric rows are ranked by and compared with the baseline on, per task: classification
 # runs by test top-1, segmentation runs by mIoU. Chosen here, in this one place.
@@ -299,27 +299,3 @@ def wide_console():
 
     console = Console()
     return console if console.is_terminal else Console(width=240)
-
-
-# -- the command -----------------------------------------------------------------------------
-def cmd_leaderboard(args) -> int:
-    if args.plot:
-        require_matplotlib()  # before any work: a missing extra is a one-line error
-    root = Path(args.runs)
-    if not root.is_dir():
-        raise UserError(f"runs folder {str(root)!r} does not exist; pass --runs DIR (the --output of kdzoo run or bench)")
-    entries, notes = collect(root, include_teachers=args.teachers)
-    if not entries:
-        raise UserError(f"no runs under {str(root)!r}; train some with `kdzoo run` or `kdzoo bench SUITE.toml`, "
-                        "or pass --runs DIR (their --output folder)")
-    board = build(entries)
-    errors = failures(entries)
-    console = wide_console()
-    for note in notes:
-        console.print(f"[dim]{note}[/]")
-    print_table(board, errors, console, f"kdzoo leaderboard: {root} ({len(entries)} runs)")
-    export(board, errors, args.csv, args.markdown, args.plot)
-    for label, path in (("CSV", args.csv), ("Markdown", args.markdown), ("plot", args.plot)):
-        if path:
-            console.print(f"{label}: {path}")
-    return 0

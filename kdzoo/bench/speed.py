@@ -38,18 +38,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import RunConfig
+from ..config import RunConfig
+from ..data import DataRequest, get_dataset
+from ..data.loaders import InMemoryLoader, to_float
+from ..engine import Normalize, resolve_device, validate
+from ..errors import UserError
+from ..hooks import FeatureTaps
+from ..method import Method
+from ..models import create_model, model_info
+from ..optim import build_optimizer, build_scheduler
+from ..registry import get_method
+from ..step import TrainStep, autocast, compile_networks, prepare_networks
 from .cpu_memory import cpu_peak_bytes
-from .data import DataRequest, get_dataset
-from .data.loaders import InMemoryLoader, to_float
-from .engine import Normalize, resolve_device, validate
-from .errors import UserError
-from .hooks import FeatureTaps
-from .method import Method
-from .models import create_model, model_info
-from .optim import build_optimizer, build_scheduler
-from .registry import get_method
-from .step import TrainStep, autocast, compile_networks, prepare_networks
 
 PHASES = ("student_step", "teacher_forward", "method_step", "hooked_step")
 LABELS = {
@@ -329,31 +329,6 @@ def measure(cfg: RunConfig, steps: int = 10, rounds: int = 10, warmup: int = 2, 
         return bench.measure(steps, rounds, warmup, progress)
     finally:
         bench.close()
-
-
-# -- command line --------------------------------------------------------------------------
-def cmd_speed(args) -> int:
-    import json
-
-    from rich.console import Console
-
-    from .cli import config_from_args
-    from .registry import load_plugin
-
-    for plugin in args.plugin:
-        load_plugin(plugin)
-    cfg, _ = config_from_args(args)
-    batch = cfg.resolved().batch_size
-    if cfg.train_size is None:
-        cfg = dataclasses.replace(cfg, train_size=16 * batch)
-    console = Console(stderr=True)
-    with console.status("building") as status:
-        result = measure(cfg, args.steps, args.rounds, args.warmup, progress=status.update)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_report(result, Console())
-    return 0
 
 
 def print_report(result: dict[str, Any], console) -> None:
