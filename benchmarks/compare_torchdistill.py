@@ -42,7 +42,6 @@ from kdzoo.data.loaders import to_float
 from kdzoo.hooks import FeatureTaps
 from kdzoo.method import NetOutputs, StepOutputs
 from kdzoo.registry import get_method
-from kdzoo.step import autocast
 
 
 def loss_config(method: str) -> tuple[dict, list[str]]:
@@ -103,13 +102,11 @@ class TorchdistillSide:
         self.bench, self.batches = bench, _batches(bench.data.train)
 
     def run(self, n: int) -> None:
-        bench, cfg = self.bench, self.bench.cfg
+        bench = self.bench
         for _ in range(n):
-            images, targets = next(self.batches)
-            images = bench.normalize(bench.data.augment(to_float(images)))
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(bench.device, cfg.amp):
+            images, targets, _ = next(self.batches)
+            images = bench.inputs(bench.data.augment(to_float(images)))
+            with bench.inputs.autocast():
                 loss = self.box.forward_process(images, targets)
             self.box.post_forward_process(loss=loss)
 
@@ -117,12 +114,10 @@ class TorchdistillSide:
 def first_losses(bench: SpeedBench, td: TorchdistillSide) -> tuple[float, float]:
     """Both sides' loss on one batch before any training (the networks are identical then): the
     check that the two sides compute the same objective."""
-    images, targets = next(_batches(bench.data.train))
-    images = bench.normalize(to_float(images))
-    if bench.cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images, targets, _ = next(_batches(bench.data.train))
+    images = bench.inputs(to_float(images))
     taps = bench.method.taps
-    with torch.no_grad(), autocast(bench.device, bench.cfg.amp):
+    with torch.no_grad(), bench.inputs.autocast():
         with FeatureTaps(td.student, taps.student) as s, FeatureTaps(td.teacher, taps.teacher) as t:
             student, teacher = NetOutputs(td.student(images), s.pop()), NetOutputs(td.teacher(images), t.pop())
             ours = sum(bench.method.loss(StepOutputs(student, targets, teacher, images)).values())

@@ -75,8 +75,10 @@ class RunConfig:
     # settings that do not change the result (where it runs, how it is named, how fast)
     _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download", "compile")
 
-    def recipe_hash(self) -> str:
-        """A short hash of every setting that changes the result (not where it runs)."""
+    def run_key(self) -> str:
+        """8 hex digits over every setting that changes the result, the seed included (not where
+        it runs): the end of the run's folder name, so two different runs never share a folder.
+        Not the recipe hash (:func:`recipe_hash`), which leaves the seed out to group seeds."""
         values = {k: v for k, v in self.to_dict().items() if k not in self._NON_RESULT}
         blob = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
@@ -86,7 +88,7 @@ class RunConfig:
             return self.run_name
         pair = f"{self.teacher}-{self.model}" if self.teacher else self.model
         data = self.dataset if self.task == "cls" else f"{self.dataset}-{self.task}"
-        return f"{data}_{self.method}_{pair}_s{self.seed}_{self.recipe_hash()}"
+        return f"{data}_{self.method}_{pair}_s{self.seed}_{self.run_key()}"
 
 
 RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_settings"]
@@ -96,17 +98,20 @@ RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method
 NOT_RECIPE = frozenset(RunConfig._NON_RESULT) | {"seed", "method_settings"}
 
 
-def hash_recipe(run: dict[str, Any], method_config: dict[str, Any], versions: dict[str, Any],
+def recipe_hash(run: dict[str, Any], method_config: dict[str, Any] | None, versions: dict[str, Any],
                 leave_out: tuple[str, ...] = ()) -> str:
     """10 hex digits over everything that changes a result apart from the seed: the run settings,
     the method's resolved settings and the library versions (not Python's).
 
     Runs that differ only in their seed share it, so the leaderboard averages exactly those.
-    ``leave_out`` drops further run keys (the leaderboard's method-free training hash).
+    ``leave_out`` drops further run keys (the leaderboard's method-free training hash). A run
+    that failed before its method settings resolved (``method_config`` None) hashes its raw
+    ``method_settings`` instead.
     """
+    method = method_config if method_config is not None else {"settings": run.get("method_settings", {})}
     record = {
         "run": {k: v for k, v in run.items() if k not in NOT_RECIPE and k not in leave_out},
-        "method": method_config,
+        "method": method,
         "versions": {k: v for k, v in (versions or {}).items() if k != "python"},
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:10]

@@ -23,19 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .build import create_network, load_data, resolve_device, validate
 from .checkpoint import read_checkpoint
-from .config import RunConfig, hash_recipe
-from .data import DataRequest, get_dataset
+from .config import RunConfig, recipe_hash
 from .errors import UserError
 from .hooks import FeatureTaps
+from .inputs import Inputs
 from .method import Method
-from .models import check_model_name, create_model, model_info, parameter_count
-from .optim import build_optimizer, build_scheduler
-from .registry import get_method
+from .models import model_info, parameter_count
+from .optim import build_optimizer, build_scheduler, split_method_groups
 from .runs import RunDir, command_line, git_commit, versions
-from .settings import apply_overrides
-from .step import TrainStep, compile_networks, eval_batches, prepare_networks
-from .tasks import get_task
+from .step import StepParts, TrainStep, prepare_networks
+from .tasks import get_task, metric_columns
+from .teacher import obtain_teacher
 
 CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
 
@@ -89,14 +89,6 @@ def stop_on_signals(flag: StopFlag):
             signal.signal(sig, h)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    return distributed.device_for(torch.device(name))
-
-
 @dataclass
 class Context:
     """Everything one run is made of, built once by :func:`build`."""
@@ -114,33 +106,8 @@ class Context:
     extras: dict = field(default_factory=dict)
 
 
-def validate(cfg: RunConfig) -> Method:
-    """Check every name and setting before any work starts (all errors are UserErrors).
-
-    Returns the method, built from its validated settings (its constructor checks their values).
-    """
-    method_cls = get_method(cfg.method)
-    get_task(cfg.task)
-    if cfg.task not in method_cls.tasks:
-        raise UserError(f"method {cfg.method!r} supports task(s) {', '.join(method_cls.tasks)}, not {cfg.task!r}")
-    settings = {**method_cls.task_defaults.get(cfg.task, {}), **cfg.method_settings}
-    method_config = apply_overrides(method_cls.Config(), settings, f"method {method_cls.name!r}")
-    get_dataset(cfg.dataset, cfg.task)
-    check_model_name(cfg.model)
-    if method_cls.needs_teacher:
-        if not cfg.teacher:
-            raise UserError(f"method {cfg.method!r} needs a teacher: add --teacher MODEL (e.g. --teacher resnet34)")
-        check_model_name(cfg.teacher)
-    for key in ("epochs", "batch_size"):
-        value = getattr(cfg, key)
-        if value is not None and value < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    return method_cls(method_config)
-
-
 def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -> Context:
-    from .teacher import obtain_teacher
-
+    """The run's method, data, networks and folder, from its settings (checked first)."""
     method = validate(cfg)
     method_cls, method_config = type(method), method.config
     if not method_cls.needs_teacher and cfg.teacher:
@@ -152,34 +119,18 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
     run_dir = RunDir(distributed.on_main(lambda: RunDir.for_run(cfg.output, cfg.run_id(), resume).path),
                      writer=distributed.is_main())
 
-    spec = get_dataset(cfg.dataset, cfg.task)
-    data = spec.build(DataRequest(
-        root=cfg.data_root, download=cfg.download, input_size=cfg.input_size, train_size=cfg.train_size,
-        test_size=cfg.test_size, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers,
-    ))
-    if len(data.train) == 0:
-        raise UserError(f"the training set has fewer images than one batch ({cfg.batch_size}); lower --batch-size")
-    world = distributed.world_size()
-    if world > 1:
-        if cfg.batch_size % world:
-            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
-                            f"{world} processes; pass a multiple of {world}")
-        data.train.shard(distributed.rank(), world)
-        data.test.shard(distributed.rank(), world)
-    data.train.to(device)
-    data.test.to(device)
+    data = load_data(cfg, device)
 
     # The student is built and probed before a teacher is trained, so an input size the
     # student cannot take fails at once rather than after the teacher's training.
     torch.manual_seed(cfg.seed)  # the student's init depends on the seed alone, not on teacher sourcing
-    student = create_model(cfg.model, data.num_classes, data.input_size, cfg.small_input_stem, cfg.pretrained,
-                           cfg.task).to(device)
+    student = create_network(cfg, cfg.model, data, cfg.pretrained).to(device)
     s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student)
     after_student = torch.get_rng_state()
 
     teacher, teacher_score, teacher_source = None, None, None
     if cfg.teacher:
-        teacher, teacher_score, teacher_source = obtain_teacher(cfg, data, device, console, stop)
+        teacher, teacher_score, teacher_source = obtain_teacher(cfg, data, device, console, run, stop)
         # Training a teacher here draws random numbers that reading it from the cache does not:
         # rewind, so that the method's own modules (NFD's and CCD's adapters, ...) start the same
         # either way and the first and the second call of one command give one result.
@@ -194,28 +145,6 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
     method.to(device)
     return Context(cfg, method, method_config, student, teacher, teacher_score, teacher_source, data, device, run_dir,
                    {"student_info": s_info, "teacher_info": t_info})
-
-
-def evaluate(model: nn.Module, loader, normalize, device, amp: bool, channels_last: bool) -> dict[str, float]:
-    """Top-1, top-5 and mean cross-entropy of ``model`` on ``loader``."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, count: one host sync
-    for logits, targets in eval_batches(model, loader, normalize, device, amp, channels_last):
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
-        sums += torch.stack([hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                             nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
-                             torch.tensor(len(targets), dtype=torch.float64, device=device)])
-    # each process saw its share of the test set: add the sums up over processes
-    correct1, correct5, loss_sum, count = distributed.all_reduce_sum(sums).tolist()
-    return {"top1": 100 * correct1 / count, "top5": 100 * correct5 / count, "loss": loss_sum / count}
-
-
-class Normalize:
-    def __init__(self, mean, std, device):
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-
-    def __call__(self, images: Tensor) -> Tensor:
-        return (images - self.mean) / self.std
 
 
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
@@ -260,12 +189,16 @@ class Trainer:
         self.student, self.teacher, self.method = ctx.student, ctx.teacher, ctx.method
         self.channels_last = cfg.channels_last
         prepare_networks(self.student, self.teacher, self.method, self.channels_last, device)
-        self.params = [p for p in [*self.student.parameters(), *self.method.parameters()] if p.requires_grad]
+        student_params = [p for p in self.student.parameters() if p.requires_grad]
+        try:
+            plain, groups = split_method_groups(self.method, student_params)
+        except ValueError as e:
+            raise UserError(f"{e}; fix the method's param_groups()") from None
         self.world = distributed.world_size()
-        self.optimizer = build_optimizer(self.params, cfg)
+        self.optimizer = build_optimizer(plain, cfg, groups)
         self.steps_per_epoch = len(ctx.data.train)
         self.scheduler = build_scheduler(self.optimizer, self.steps_per_epoch, cfg)
-        self.normalize = Normalize(ctx.data.mean, ctx.data.std, device)
+        self.inputs = Inputs(ctx.data.mean, ctx.data.std, device, cfg.amp, cfg.channels_last)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -379,10 +312,10 @@ class Trainer:
         with progress:
             task = progress.add_task("train", total=steps_this_epoch, completed=self.step_in_epoch, info="")
             tick = time.perf_counter()
-            for images, targets in loader.batches(skip=self.step_in_epoch):
+            for images, targets, index in loader.batches(skip=self.step_in_epoch):
                 if self.step_in_epoch >= steps_this_epoch:
                     break
-                terms, n_images = self._step(images, targets)
+                terms, n_images = self._step(images, targets, index)
                 for name, value in terms.items():
                     pending[name] = pending.get(name, 0) + value
                 self.sums["_steps"] = self.sums.get("_steps", 0) + 1
@@ -438,26 +371,20 @@ class Trainer:
 
     def _train_step(self, s_taps: FeatureTaps, t_taps: FeatureTaps | None) -> TrainStep:
         """The shared step (kdzoo.step), built once the hooks are in place, so --compile traces them."""
-        student, teacher = self.student, self.teacher
-        if self.cfg.compile:
-            student, teacher = compile_networks(student, teacher)
-        step = TrainStep(student, teacher, self.method, s_taps, t_taps, self.optimizer, self.scheduler,
-                         self.normalize, self.ctx.data.augment, self.device, self.cfg.amp, self.channels_last,
-                         hits=self.task.train_hits)
-        # under DDP one wrapper holds student + method, so backward averages both over processes
-        step.forward = distributed.data_parallel(self.student, self.method, step.forward_loss, self.device,
-                                                 type(self.method).some_parameters_unused)
-        return step
+        return TrainStep(StepParts(
+            self.student, self.teacher, self.method, s_taps, t_taps, self.optimizer, self.scheduler, self.inputs,
+            self.ctx.data.augment, self.task.train_hits, compile="inductor" if self.cfg.compile else None,
+        ))
 
-    def _step(self, images: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], int]:
-        terms, n_images = self.train_step(images, targets, self.epoch, self.global_step,
+    def _step(self, images: Tensor, targets: Tensor, index: Tensor) -> tuple[dict[str, Tensor], int]:
+        terms, n_images = self.train_step(images, targets, index, self.epoch, self.global_step,
                                           self.global_step / max(1, self.total_steps))
         return terms, n_images * self.world  # images over all processes
 
     def _end_epoch(self) -> None:
         cfg, data = self.cfg, self.ctx.data
         distributed.sync_buffers(self.student, self.method)  # evaluate and save rank 0's model
-        metrics = self.task.evaluate(self.student, data, self.normalize, self.device, cfg.amp, self.channels_last)
+        metrics = self.task.evaluate(self.student, data, self.inputs)
         self.s_taps.pop()
         steps = max(1, self.sums.get("_steps", 0))
         row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -466,7 +393,7 @@ class Trainer:
             if not name.startswith("_") and name != "loss":
                 row[f"train_{name}"] = value / steps
         row[f"train_{self.task.train_metric}"] = 100 * self.sums.get("_correct", 0) / max(1, self.sums.get("_counted", 1))
-        row.update(self.task.row_fields(metrics, data.class_names))
+        row.update(metric_columns(metrics, data.class_names))
         row["img_per_s"] = self.images_seen / max(self.train_seconds, 1e-9)
         self.rows.append(row)
         self.console.print(
@@ -493,13 +420,17 @@ class Trainer:
         return {
             "run": self.cfg.to_dict(),
             "method_config": dataclasses.asdict(ctx.method_config),
-            "recipe_hash": recipe_hash(self.cfg, ctx.method_config),
+            "recipe_hash": self._recipe_hash(),
             "teacher_source": ctx.teacher_source,
             "data": {"num_classes": ctx.data.num_classes, "input_size": ctx.data.input_size,
                      "train_images": len(ctx.data.train) * self.cfg.batch_size, "augment": repr(ctx.data.augment)},
             "versions": versions(), "git_commit": git_commit(), "command": command_line(),
             "world_size": self.world,
         }
+
+    def _recipe_hash(self) -> str:
+        """The run's :func:`kdzoo.config.recipe_hash`: never averaged with a different recipe."""
+        return recipe_hash(self.cfg.to_dict(), dataclasses.asdict(self.ctx.method_config), versions())
 
     def _finish(self, wall: float) -> dict[str, Any]:
         last = self.rows[-1]
@@ -519,12 +450,7 @@ class Trainer:
             "ms_per_step": 1000 * self.train_seconds / steps,
             "peak_mem_mb": _peak_memory_mb(self.device), "device": str(self.device),
             "wall_time_s": wall, "train_time_s": self.train_seconds, "world_size": self.world,
-            "recipe_hash": recipe_hash(self.cfg, self.ctx.method_config),
+            "recipe_hash": self._recipe_hash(),
         }
         self.ctx.run_dir.write_result(result)
         return result
-
-
-def recipe_hash(cfg: RunConfig, method_config) -> str:
-    """The run's :func:`kdzoo.config.hash_recipe`: never averaged with a different recipe."""
-    return hash_recipe(cfg.to_dict(), dataclasses.asdict(method_config), versions())

@@ -81,6 +81,24 @@ class StepOutputs:
     epoch: int = 0
     step: int = 0
     progress: float = 0.0
+    index: Tensor | None = None  # each row's dataset index (see Batch.index)
+
+
+@dataclass
+class Batch:
+    """One training batch, raw from the loader or as ``prepare_batch`` made it.
+
+    ``images`` are pixels in [0, 1] (not yet normalised); ``index`` holds each row's position in
+    the dataset (int64) — a method that builds several views of one image repeats its index, so
+    per-sample state (a memory bank, a cache of teacher outputs) stays keyed by the image.
+    ``teacher_images``, when set, is what the teacher sees instead of ``images`` (weak/strong
+    views, another resolution); ``None`` means the teacher reads the student's images.
+    """
+
+    images: Tensor
+    targets: Tensor
+    index: Tensor
+    teacher_images: Tensor | None = None
 
 
 Augment = Callable[[Tensor], Tensor]
@@ -113,6 +131,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     # in some phases or settings). DDP must then search the graph for unused parameters each
     # step, which costs time, so it is off unless a method says so.
     some_parameters_unused: ClassVar[bool] = False
+    # True when the method reads nothing of the teacher but its logits (no teacher taps, no hooks
+    # on the teacher, no teacher_images of its own): its teacher outputs are then a function of
+    # the input alone, which a teacher-output cache may store.
+    logits_only_teacher: ClassVar[bool] = False
 
     @dataclass
     class Config:
@@ -130,14 +152,15 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Register extra hooks on the networks; return their handles. Default: none."""
         return []
 
-    def prepare_batch(self, images: Tensor, targets: Tensor, augment: Augment) -> tuple[Tensor, Tensor]:
+    def prepare_batch(self, batch: Batch, augment: Augment) -> Batch:
         """Turn a raw batch (pixels in [0, 1], not yet augmented) into the training batch.
 
         ``augment`` is the dataset's standard training augmentation (random crop and flip)
-        as a batched tensor function. Methods that build extra views (JDA) or mix images
-        (mixup) override this; everything runs on tensors, on whatever device holds them.
+        as a batched tensor function. Methods that build extra views (JDA), mix images
+        (mixup) or give the teacher its own input (``Batch.teacher_images``) override this;
+        everything runs on tensors, on whatever device holds them.
         """
-        return augment(images), targets
+        return dataclasses.replace(batch, images=augment(batch.images))
 
     @abc.abstractmethod
     def loss(self, out: StepOutputs) -> dict[str, Tensor]:
@@ -163,6 +186,16 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         if out.teacher is None:
             raise RuntimeError(f"method {self.name!r} needs a teacher but the step has none")
         return out.teacher
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The method's trainable extras as optimiser groups.
+
+        Each group is ``{"params": [...], ...}`` and may set ``lr_scale`` (a factor on the run's
+        learning rate, following its schedule) and ``weight_decay`` (replacing the run's, which
+        otherwise applies to matrices and kernels but not to biases and norm weights). Default:
+        every parameter with the run's settings, optimised like the student's own.
+        """
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def extra_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -14,8 +14,10 @@ import timm
 import torch
 from torch import nn
 
+from .checkpoint import read_checkpoint
 from .errors import UserError, close_matches
 from .hooks import probe_shapes, stage_entries
+from .segmentation import SegmentationModel
 
 SMALL_INPUT_MAX = 64
 
@@ -92,8 +94,6 @@ def create_model(
     backbone (without its classifier) in :class:`kdzoo.segmentation.SegmentationModel`.
     """
     if task == "seg":
-        from .segmentation import SegmentationModel
-
         # off unless asked for: segmentation keeps the stride-4 stem and lets the decoder restore resolution
         backbone = create_model(name, 0, input_size, bool(small_input_stem), pretrained)
         return SegmentationModel(backbone, num_classes, input_size)
@@ -124,8 +124,6 @@ def parameter_count(model: nn.Module) -> int:
 def model_info(model: nn.Module, name: str, num_classes: int, input_size: int, taps=()) -> ModelInfo:
     """Measure the shapes of ``taps`` plus every stage and the embedding (or, on a segmentation
     model, the decoder map), when the model has them."""
-    from .segmentation import SegmentationModel
-
     names = list(taps)
     if getattr(model, "feature_info", None):
         stage_entries(model)
@@ -144,8 +142,6 @@ def load_weights(model: nn.Module, path: str, what: str = "checkpoint") -> dict:
     ``weights_only=True`` refuses pickled code, so a checkpoint from the internet cannot run
     anything on load. Any mismatch with the architecture is a UserError naming both.
     """
-    from .checkpoint import read_checkpoint
-
     state = read_checkpoint(path, what)
     weights = state.get("student", state) if isinstance(state, dict) else state
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):

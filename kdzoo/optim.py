@@ -7,16 +7,60 @@ import math
 import torch
 from torch import nn
 
+GROUP_KEYS = {"params", "lr_scale", "weight_decay"}
 
-def build_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
-    # no weight decay on biases and norm weights: the usual practice for both SGD and AdamW
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = {"fused": True} if all(p.is_cuda for p in params) and params else {}
+
+def build_optimizer(params: list[nn.Parameter], cfg, extra_groups: list[dict] = ()) -> torch.optim.Optimizer:
+    """The run's optimiser over ``params`` (the student's, and a method's extras without options)
+    and the method's ``extra_groups`` (see :meth:`kdzoo.method.Method.param_groups`).
+
+    No weight decay on biases and norm weights (tensors of one dimension), the usual practice for
+    both SGD and AdamW, unless a group sets its own ``weight_decay``. A group's ``lr_scale``
+    multiplies the run's lr; the schedule scales every group alike.
+    """
+    groups = _decay_split(list(params), cfg.weight_decay, cfg.lr)
+    for extra in extra_groups:
+        scale = extra.get("lr_scale", 1.0)
+        if "weight_decay" in extra:
+            groups.append({"params": list(extra["params"]), "weight_decay": extra["weight_decay"], "lr": cfg.lr * scale})
+        else:
+            groups += _decay_split(list(extra["params"]), cfg.weight_decay, cfg.lr * scale)
+    everything = [p for g in groups for p in g["params"]]
+    fused = {"fused": True} if everything and all(p.is_cuda for p in everything) else {}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov) and cfg.momentum > 0, **fused)
+
+
+def _decay_split(params: list[nn.Parameter], weight_decay: float, lr: float) -> list[dict]:
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
+
+
+def split_method_groups(method: nn.Module, student_params: list[nn.Parameter]) -> tuple[list, list[dict]]:
+    """(params optimised like the student's, the method's groups with options of their own).
+
+    Refuses a group with unknown keys, a parameter in two groups and a trainable parameter in
+    none: each would silently train something other than what the method says.
+    """
+    plain, special, seen = list(student_params), [], set()
+    for group in method.param_groups():
+        unknown = set(group) - GROUP_KEYS
+        if unknown:
+            raise ValueError(f"method {method.name!r}: param_groups() key(s) {sorted(unknown)} are not "
+                             f"{sorted(GROUP_KEYS)}")
+        members = [p for p in group["params"] if p.requires_grad]
+        if any(id(p) in seen for p in members):
+            raise ValueError(f"method {method.name!r}: a parameter is in two of its param_groups()")
+        seen.update(id(p) for p in members)
+        if set(group) == {"params"}:
+            plain += members
+        else:
+            special.append({**group, "params": members})
+    missing = [name for name, p in method.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ValueError(f"method {method.name!r}: trainable parameter(s) {missing[:3]} are in none of its param_groups()")
+    return plain, special
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg) -> float:

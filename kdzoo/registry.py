@@ -29,6 +29,10 @@ def register_method(name: str, *, aliases: tuple[str, ...] = ()):
     def decorator(cls: type[Method]) -> type[Method]:
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise UserError(f"@register_method({name!r}) must decorate a subclass of kdzoo.Method")
+        if cls.logits_only_teacher and (cls.taps.teacher or not cls.needs_teacher):
+            raise UserError(f"method {name!r} declares logits_only_teacher but "
+                            + ("taps the teacher's features" if cls.taps.teacher else "has no teacher")
+                            + "; declare it only for a method that reads nothing of its teacher but the logits")
         for key in (name, *aliases):
             owner = _METHODS.get(_ALIASES.get(key, key))
             same = owner is not None and (owner.__module__, owner.__qualname__) == (cls.__module__, cls.__qualname__)

@@ -1,11 +1,13 @@
 """One training step, shared by the training loop and ``kdzoo speed``.
 
-The engine's :class:`~kdzoo.engine.Trainer` and the speed benchmark both call
-:class:`TrainStep`, so what ``kdzoo speed`` times is the code path a run executes, not a copy
-of it. The step is: raw batch → ``method.prepare_batch`` (augmentation on the device) →
-normalise → student forward (+ teacher forward under ``no_grad``) with the taps hooked →
-``method.loss`` → backward → optimiser and schedule step. Nothing in it waits for the host:
-loss terms come back as device tensors, and the caller decides when to synchronise.
+The engine's :class:`~kdzoo.engine.Trainer` and the speed benchmark both build a
+:class:`TrainStep` from a :class:`StepParts` record, so what ``kdzoo speed`` times is the code
+path a run executes, not a copy of it. The step is: raw batch → ``method.prepare_batch``
+(augmentation and views on the device) → the run's :class:`~kdzoo.inputs.Inputs` (normalise,
+memory format) → student forward (+ teacher forward under ``no_grad``, on the teacher's own
+images when the method gave it other ones) with the taps hooked → ``method.loss`` → backward →
+optimiser and schedule step. Nothing in it waits for the host: loss terms come back as device
+tensors, and the caller decides when to synchronise.
 
 :func:`prepare_networks` and :func:`compile_networks` hold the fast-path set-up that both
 callers share (channels_last, a frozen eval-mode teacher, cuDNN autotuning, ``torch.compile``
@@ -14,44 +16,18 @@ after the hooks are registered).
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .data.loaders import to_float
 from .hooks import FeatureTaps
-from .method import Method, NetOutputs, StepOutputs
-from .tasks import CLASSIFICATION
-
-
-def autocast(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA when ``amp`` is on; full precision elsewhere (CPU bf16 is slower)."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def eval_batches(model: nn.Module, loader, normalize, device: torch.device, amp: bool, channels_last: bool):
-    """(float32 logits, targets) of ``model`` in eval mode over ``loader``, without gradients.
-
-    Every task's evaluation reads the test set the same way: the input pipeline of a training
-    step (normalise, memory format, autocast) with the model in eval mode, restored afterwards
-    even when the caller stops early or fails.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast(device, amp):
-            for images, targets in loader:
-                images = normalize(to_float(images))
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                yield model(images).float(), targets
-    finally:
-        model.train(was_training)
+from .inputs import Inputs
+from .method import Batch, Method, NetOutputs, StepOutputs
 
 
 def prepare_networks(student: nn.Module | None, teacher: nn.Module | None, method: Method | None,
@@ -89,65 +65,76 @@ def compile_networks(student: nn.Module, teacher: nn.Module | None,
 
 
 @dataclass
-class TrainStep:
-    """One optimisation step of ``method`` on a raw batch; ``__call__`` returns the detached
-    loss terms (plus ``loss``, their sum, and the training-accuracy counts ``_correct`` and
-    ``_counted``) and the number of images the networks saw, all without a host synchronisation.
+class StepParts:
+    """Everything one training step is made of; the engine and ``kdzoo speed`` each build one.
 
-    ``student_forward``/``teacher_forward`` are the networks or their compiled forwards;
-    ``s_taps``/``t_taps`` are the open :class:`FeatureTaps` on the same networks.
+    ``student``/``teacher`` are the plain networks (compiled here when ``compile`` is on, after
+    the taps ``s_taps``/``t_taps`` are open on them); ``train_hits`` is the task's training
+    accuracy count; ``augment`` the dataset's batched training augmentation.
     """
 
-    student_forward: nn.Module
-    teacher_forward: nn.Module | None
+    student: nn.Module
+    teacher: nn.Module | None
     method: Method
     s_taps: FeatureTaps
     t_taps: FeatureTaps | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    normalize: Any
-    augment: Any
-    device: torch.device
-    amp: bool
-    channels_last: bool
-    hits: Any = None  # (logits, targets) -> (correct, counted) on the device; default: classification's
+    inputs: Inputs
+    augment: Callable[[Tensor], Tensor]
+    train_hits: Callable[[Tensor, Tensor], tuple[Tensor, Any]]
+    compile: str | None = None  # a torch.compile backend ("inductor"), or None: eager
 
-    def __post_init__(self):
-        # the part of the step that DDP wraps (see kdzoo.distributed.data_parallel); by default
-        # the forward passes and the loss themselves
-        self.forward = self.forward_loss
 
-    def forward_loss(self, images: Tensor, targets: Tensor, epoch: int = 0, step: int = 0,
-                     progress: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+class TrainStep:
+    """One optimisation step of the method on a raw batch; calling it returns the detached loss
+    terms (plus ``loss``, their sum, and the training-accuracy counts ``_correct`` and
+    ``_counted``) and the number of images the student saw, all without a host synchronisation.
+
+    Under DDP the forward passes and the loss run inside one wrapper of student + method
+    (:func:`kdzoo.distributed.data_parallel`), so backward averages the gradients of both over
+    processes; in one process there is no wrapper.
+    """
+
+    def __init__(self, parts: StepParts):
+        self.parts = parts
+        student, teacher = parts.student, parts.teacher
+        self.student_forward, self.teacher_forward = (
+            compile_networks(student, teacher, parts.compile) if parts.compile else (student, teacher))
+        self.forward = distributed.data_parallel(student, parts.method, self.forward_loss, parts.inputs.device,
+                                                 type(parts.method).some_parameters_unused)
+
+    def forward_loss(self, images: Tensor, teacher_images: Tensor, targets: Tensor, index: Tensor,
+                     epoch: int = 0, step: int = 0, progress: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
         """Student and teacher forward passes with the taps, then the method's loss terms."""
+        parts = self.parts
         logits = self.student_forward(images)
-        student = NetOutputs(logits, self.s_taps.pop())
+        student = NetOutputs(logits, parts.s_taps.pop())
         teacher = None
         if self.teacher_forward is not None:
             with torch.no_grad():
-                t_logits = self.teacher_forward(images)
-            teacher = NetOutputs(t_logits, self.t_taps.pop() if self.t_taps is not None else {})
-        terms = self.method.loss(StepOutputs(student, targets, teacher, images, epoch, step, progress))
+                t_logits = self.teacher_forward(teacher_images)
+            teacher = NetOutputs(t_logits, parts.t_taps.pop() if parts.t_taps is not None else {})
+        terms = parts.method.loss(StepOutputs(student, targets, teacher, images, epoch, step, progress, index))
         if not terms:
-            raise RuntimeError(f"method {self.method.name!r} returned no loss terms")
+            raise RuntimeError(f"method {parts.method.name!r} returned no loss terms")
         return logits, terms
 
-    def __call__(self, images: Tensor, targets: Tensor, epoch: int = 0, step: int = 0,
+    def __call__(self, images: Tensor, targets: Tensor, index: Tensor, epoch: int = 0, step: int = 0,
                  progress: float = 0.0) -> tuple[dict[str, Tensor], int]:
-        images = to_float(images)
-        images, targets = self.method.prepare_batch(images, targets, self.augment)
-        images = self.normalize(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.amp):
-            logits, terms = self.forward(images, targets, epoch, step, progress)
+        parts = self.parts
+        batch = parts.method.prepare_batch(Batch(to_float(images), targets, index), parts.augment)
+        student_images = parts.inputs(batch.images)
+        teacher_images = student_images if batch.teacher_images is None else parts.inputs(batch.teacher_images)
+        with parts.inputs.autocast():
+            logits, terms = self.forward(student_images, teacher_images, batch.targets, batch.index,
+                                         epoch, step, progress)
         loss = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
+        parts.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
+        parts.optimizer.step()
+        parts.scheduler.step()
         detached = {name: value.detach().float() for name, value in terms.items()}
         detached["loss"] = loss.detach().float()
-        detached["_correct"], detached["_counted"] = (self.hits or CLASSIFICATION.train_hits)(logits.detach(), targets)
-        return detached, len(images)
-
+        detached["_correct"], detached["_counted"] = parts.train_hits(logits.detach(), batch.targets)
+        return detached, len(student_images)

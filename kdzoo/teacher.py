@@ -10,13 +10,26 @@ classifier: the task is in its run id and recipe hash).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import distributed
+from .build import create_network
 from .config import RunConfig
-from .models import create_model, load_weights
+from .inputs import Inputs
+from .locks import file_lock
+from .models import load_weights
+from .runs import RunDir
+from .tasks import get_task
+
+# trains one run to completion (or finds it complete) and returns its result.json: the engine's
+# ``run``, handed in by the engine, which sits above this module
+Train = Callable[..., dict[str, Any]]
 
 
 def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConfig:
@@ -32,39 +45,29 @@ def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConf
     )
 
 
-def obtain_teacher(cfg: RunConfig, data, device: torch.device, console, stop=None) -> tuple[nn.Module, float | None, str]:
+def obtain_teacher(cfg: RunConfig, data, device: torch.device, console, train: Train,
+                   stop=None) -> tuple[nn.Module, float | None, str]:
     """(frozen teacher in eval mode on ``device``, its test score if known — top-1 for cls, mIoU
-    for seg —, where it came from)."""
-    from .engine import Normalize
-    from .tasks import get_task
-
+    for seg —, where it came from). ``train`` trains the teacher's run when it is not cached."""
     task = get_task(cfg.task)
     if cfg.teacher_checkpoint:
-        teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem, task=cfg.task)
+        teacher = create_network(cfg, cfg.teacher, data)
         load_weights(teacher, cfg.teacher_checkpoint, "teacher checkpoint")
         source = f"checkpoint {cfg.teacher_checkpoint}"
         score = None
     elif cfg.teacher_pretrained and data.num_classes == 1000 and cfg.task == "cls":
-        teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem, pretrained=True)
+        teacher = create_network(cfg, cfg.teacher, data, pretrained=True)
         source, score = "timm pretrained weights", None
     else:
-        teacher, score, source = _cached_teacher(cfg, data, console, stop)
+        teacher, score, source = _cached_teacher(cfg, data, console, train, stop)
     teacher = teacher.to(device).eval().requires_grad_(False)
     if score is None:
-        score = task.evaluate(teacher, data, Normalize(data.mean, data.std, device), device, cfg.amp, False)[task.score]
+        score = task.evaluate(teacher, data, Inputs(data.mean, data.std, device, cfg.amp))[task.score]
     console.print(f"teacher {cfg.teacher}: {source}; test {task.label} {score:.2f}%")
     return teacher, score, source
 
 
-def _cached_teacher(cfg: RunConfig, data, console, stop=None) -> tuple[nn.Module, float, str]:
-    import contextlib
-
-    from . import distributed
-    from .engine import run as run_training
-    from .locks import file_lock
-    from .runs import RunDir
-    from .tasks import get_task
-
+def _cached_teacher(cfg: RunConfig, data, console, train: Train, stop=None) -> tuple[nn.Module, float, str]:
     tcfg = teacher_run_config(cfg, pretrained_init=cfg.teacher_pretrained).resolved()
     # One process trains a given teacher; another that needs it meanwhile (parallel bench cells)
     # waits for the lock and then finds it cached. Under DDP rank 0 alone holds the lock and
@@ -82,7 +85,7 @@ def _cached_teacher(cfg: RunConfig, data, console, stop=None) -> tuple[nn.Module
                 f"for {tcfg.epochs} epochs, once; it is cached at {run_dir.path} and reused by later runs "
                 "(pass --teacher-checkpoint FILE to use your own)"
             )
-            result = run_training(tcfg, resume=True, console=console, stop=stop)  # Ctrl-C stops it too
-    teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem, task=cfg.task)
+            result = train(tcfg, resume=True, console=console, stop=stop)  # Ctrl-C stops it too
+    teacher = create_network(cfg, cfg.teacher, data)
     load_weights(teacher, str(run_dir.last), "cached teacher")
     return teacher, result[get_task(cfg.task).score], f"trained by kdzoo ({run_dir.path})"

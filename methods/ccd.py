@@ -26,7 +26,7 @@ from torch import Tensor
 
 from kdzoo.data.jda import JDA, paired_views
 from kdzoo.errors import UserError
-from kdzoo.method import Method, StepOutputs, cross_entropy, kl_div
+from kdzoo.method import Batch, Method, StepOutputs, cross_entropy, kl_div
 from kdzoo.registry import register_method
 
 PolicyName = Literal["cifar100", "cifar10", "imagenet"]
@@ -36,6 +36,7 @@ class _JointAugmentation(Method):
     """Shared by ``ccd`` and ``kd_jda``: builds the paired JDA batch."""
 
     needs_teacher = True
+    logits_only_teacher = True
     tasks = ("cls",)
 
     def __init__(self, config=None):
@@ -47,8 +48,9 @@ class _JointAugmentation(Method):
         except ValueError as e:
             raise UserError(f"method {self.name!r}: {e}") from None
 
-    def prepare_batch(self, images: Tensor, targets: Tensor, augment):
-        return paired_views(images, targets, augment, self.jda)
+    def prepare_batch(self, batch: Batch, augment) -> Batch:
+        views, targets = paired_views(batch.images, batch.targets, augment, self.jda)
+        return Batch(views, targets, batch.index.repeat_interleave(2))  # [orig₀, aug₀, …]: both views of image i
 
     def _pairs(self, out: StepOutputs) -> tuple[Tensor, Tensor]:
         student = out.student.logits.float()

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from kdzoo.errors import UserError
 from kdzoo.method import (
+    Batch,
     Method,
     StepOutputs,
     Taps,
@@ -357,17 +358,18 @@ class FRSKD(Method):
             self.rotation_head = nn.Linear(channels[-1], 4 * student.num_classes)
             self.rotation_head_self = nn.Linear(self.self_teacher.widths[-1], 4 * student.num_classes)
 
-    def prepare_batch(self, images, targets, augment):
+    def prepare_batch(self, batch: Batch, augment) -> Batch:
         c = self.config
-        images = augment(images)
-        if c.sla:
-            return torch.cat([images, rotations(images)]), targets
+        images, targets, index = augment(batch.images), batch.targets, batch.index
+        if c.sla:  # the batch, then its four rotations (sample-major): each row keeps its image's index
+            return Batch(torch.cat([images, rotations(images)]), targets, torch.cat([index, index.repeat_interleave(4)]))
         if c.aug == "none":
-            return images, targets
+            return Batch(images, targets, index)
         soft = soft_targets(targets, self.num_classes)
-        if c.aug == "mixup":
-            return mixup(images, soft, c.mix_alpha if c.mix_alpha is not None else 0.2)
-        return cutmix(images, soft, c.mix_alpha if c.mix_alpha is not None else 1.0)
+        mix = mixup if c.aug == "mixup" else cutmix
+        concentration = c.mix_alpha if c.mix_alpha is not None else (0.2 if c.aug == "mixup" else 1.0)
+        mixed, mixed_targets = mix(images, soft, concentration)
+        return Batch(mixed, mixed_targets, index)  # a mixed row keeps the index of the image it was
 
     def _distill(self, z_c: Tensor, z_t: Tensor, feats: list[Tensor], refined: list[Tensor],
                  progress: float) -> dict[str, Tensor]:

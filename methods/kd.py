@@ -21,6 +21,7 @@ from kdzoo.registry import register_method
 class KD(Method):
     summary = "Hinton KD: KL between temperature-softened teacher and student logits"
     needs_teacher = True
+    logits_only_teacher = True
     tasks = ("cls", "seg")
     task_defaults = {"seg": {"temperature": 1.0, "ce_weight": 1.0, "kd_weight": 1.0}}
 

@@ -14,15 +14,17 @@ import copy
 import pytest
 import torch
 
-from kdzoo import engine
+from kdzoo import step as step_module
 from kdzoo.checkpoint import read_checkpoint
 from kdzoo.data.loaders import CropFlip
-from kdzoo.engine import Normalize, run
+from kdzoo.engine import run
 from kdzoo.hooks import FeatureTaps
+from kdzoo.inputs import Inputs
 from kdzoo.models import create_model, model_info
 from kdzoo.optim import build_optimizer, build_scheduler
 from kdzoo.registry import get_method
-from kdzoo.step import TrainStep, compile_networks, prepare_networks
+from kdzoo.step import StepParts, TrainStep, compile_networks, prepare_networks
+from kdzoo.tasks import get_task
 
 from .conftest import tiny_config
 
@@ -78,9 +80,9 @@ def _nfd_step(student, teacher, compiled: bool, cfg):
     optimizer = build_optimizer([*student.parameters(), *method.parameters()], cfg)
     s_taps = FeatureTaps(student, method.taps.student).__enter__()
     t_taps = FeatureTaps(teacher, method.taps.teacher).__enter__()
-    s_fn, t_fn = compile_networks(student, teacher, backend="aot_eager") if compiled else (student, teacher)
-    step = TrainStep(s_fn, t_fn, method, s_taps, t_taps, optimizer, build_scheduler(optimizer, 4, cfg),
-                     Normalize((0.5,) * 3, (0.25,) * 3, "cpu"), CropFlip(2), torch.device("cpu"), False, True)
+    step = TrainStep(StepParts(student, teacher, method, s_taps, t_taps, optimizer, build_scheduler(optimizer, 4, cfg),
+                               Inputs((0.5,) * 3, (0.25,) * 3, "cpu", amp=False, channels_last=True), CropFlip(2),
+                               get_task("cls").train_hits, compile="aot_eager" if compiled else None))
     return step, method
 
 
@@ -94,7 +96,7 @@ def test_compiled_training_step_matches_the_eager_step(tmp_path):
     for (s, t), compiled in ((twins, False), ((student, teacher), True)):
         step, method = _nfd_step(s, t, compiled, cfg)
         torch.manual_seed(1)  # the same crop and flip for both
-        terms, n = step(images, targets)
+        terms, n = step(images, targets, torch.arange(len(targets)))
         results.append((terms, [p.detach().clone() for p in s.parameters()], method.adapters[0].weight.detach().clone()))
     (eager_terms, eager_params, eager_adapter), (terms, params, adapter) = results
     assert set(terms) == {"ce", "nfd", "loss", "_correct", "_counted"} and eager_terms["nfd"] > 0
@@ -114,7 +116,7 @@ def test_run_with_compile_registers_hooks_before_compiling(tmp_path, quiet_conso
         seen.append(hooks)
         return compile_networks(student, teacher, backend="aot_eager")
 
-    monkeypatch.setattr(engine, "compile_networks", recording)
+    monkeypatch.setattr(step_module, "compile_networks", recording)
     result = run(tiny_config(tmp_path, method="frskd", epochs=1, compile=True), console=quiet_console)
     assert result["complete"] and seen and seen[0] >= 4  # frskd taps every stage: hooked when compiled
     state = read_checkpoint(tmp_path / "runs" / result["run_id"] / "last.pt", "checkpoint")

@@ -48,11 +48,11 @@ def test_loader_order_depends_on_seed_and_epoch_only():
     x, y = torch.arange(20).view(20, 1, 1, 1), torch.arange(20)
     a = InMemoryLoader(x, y, 5, shuffle=True, seed=1)
     b = InMemoryLoader(x, y, 5, shuffle=True, seed=1)
-    assert [t.tolist() for _, t in a] == [t.tolist() for _, t in b]
+    assert [t.tolist() for _, t, _ in a] == [t.tolist() for _, t, _ in b]
     b.set_epoch(1)
-    assert [t.tolist() for _, t in a] != [t.tolist() for _, t in b]
+    assert [t.tolist() for _, t, _ in a] != [t.tolist() for _, t, _ in b]
     # skipping batches (mid-epoch resume) yields the same tail
-    assert [t.tolist() for _, t in a.batches(skip=2)] == [t.tolist() for _, t in a][2:]
+    assert [t.tolist() for _, t, _ in a.batches(skip=2)] == [t.tolist() for _, t, _ in a][2:]
 
 
 def test_imagefolder_loads_a_small_tree(tmp_path):
@@ -66,7 +66,7 @@ def test_imagefolder_loads_a_small_tree(tmp_path):
                 Image.new("RGB", (40, 30), colour).save(folder / f"{i}.png")
     bundle = get_dataset("imagefolder").build(DataRequest(root=str(tmp_path), input_size=24, batch_size=2, workers=0))
     assert bundle.num_classes == 2 and bundle.class_names == ("class0", "class1")
-    images, targets = next(iter(bundle.test))
+    images, targets, _ = next(iter(bundle.test))
     assert images.shape == (6, 3, 24, 24) and images.dtype == torch.float32 and targets.tolist() == [0, 0, 0, 1, 1, 1]
 
 

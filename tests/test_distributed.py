@@ -45,8 +45,8 @@ class AuxHead(Method):
     def setup(self, student, teacher=None):
         self.head = nn.Linear(student.embedding_dim, student.num_classes)
 
-    def prepare_batch(self, images, targets, augment):
-        return images, targets
+    def prepare_batch(self, batch, augment):
+        return batch
 
     def loss(self, out):
         if out.step == self.config.signal_step and int(os.environ.get("RANK", 0)) == self.config.signal_rank:
@@ -70,8 +70,8 @@ def test_shards_of_each_batch_are_disjoint_and_make_up_the_single_process_batch(
               for r in range(world)]
     for loader in (single, *shards):
         loader.set_epoch(2)
-    per_rank = [[t.tolist() for _, t in shard] for shard in shards]
-    for i, (_, whole) in enumerate(single):
+    per_rank = [[t.tolist() for _, t, _ in shard] for shard in shards]
+    for i, (_, whole, _) in enumerate(single):
         parts = [rank_batches[i] for rank_batches in per_rank if i < len(rank_batches)]
         assert sorted(sum(parts, [])) == sorted(whole.tolist())
     folder = TorchLoader(torch.utils.data.TensorDataset(images, targets), batch, shuffle=True, seed=3, workers=0,
@@ -80,9 +80,9 @@ def test_shards_of_each_batch_are_disjoint_and_make_up_the_single_process_batch(
                      for r in range(world)]
     for loader in (folder, *folder_shards):
         loader.set_epoch(2)
-    assert [t.tolist() for _, t in folder] == [t.tolist() for _, t in single]  # same order as in memory
-    assert [[t.tolist() for _, t in s] for s in folder_shards] == per_rank
-    assert [t.tolist() for _, t in shards[0].batches(skip=1)] == per_rank[0][1:]
+    assert [t.tolist() for _, t, _ in folder] == [t.tolist() for _, t, _ in single]  # same order as in memory
+    assert [[t.tolist() for _, t, _ in s] for s in folder_shards] == per_rank
+    assert [t.tolist() for _, t, _ in shards[0].batches(skip=1)] == per_rank[0][1:]
 
 
 def test_two_process_gloo_run_matches_one_process_stops_together_and_resumes(tmp_path):
@@ -152,10 +152,10 @@ def test_built_in_methods_give_every_trainable_parameter_a_gradient(tmp_path, mo
     unused: list[str] = []
     real_step = engine.Trainer._step
 
-    def step_and_check(self, images, targets):
-        out = real_step(self, images, targets)
+    def step_and_check(self, images, targets, index):
+        out = real_step(self, images, targets, index)
         names = {id(p): n for n, p in [*self.student.named_parameters(), *(("method." + n, p) for n, p in self.method.named_parameters())]}
-        unused.extend(names[id(p)] for p in self.params if p.grad is None)
+        unused.extend(names[id(p)] for g in self.optimizer.param_groups for p in g["params"] if p.grad is None)
         return out
 
     monkeypatch.setattr(engine.Trainer, "_step", step_and_check)

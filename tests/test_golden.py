@@ -8,7 +8,10 @@ so in its commit and regenerate the file on purpose:
     KDZOO_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py
 
 The values were written before the architecture refactor (issue 13) and kept through it.
-Tolerance: relative 1e-4, because float summation order differs between CPU kernels and machines.
+Tolerance: the first step (before any update: the loss definitions alone) to relative 1e-4; the
+later ones to 1e-3, because float summation order differs between CPU kernels and the updates
+amplify it: the values written on one 2-core VM were met to 1.4e-5 on another at every term
+except RKD's distance term at step 3 (2.7e-4 off, the same code on both).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def test_loss_terms_match_the_golden_values(name, task, golden, tmp_path, monkey
     for step, (got, want) in enumerate(zip(terms, expected)):
         assert sorted(got) == sorted(want), f"{key} step {step}: terms {sorted(got)} != {sorted(want)}"
         for term, value in want.items():
-            assert math.isclose(got[term], value, rel_tol=1e-4, abs_tol=1e-6), \
+            assert math.isclose(got[term], value, rel_tol=1e-4 if step == 0 else 1e-3, abs_tol=1e-6), \
                 f"{key} step {step} term {term}: {got[term]!r} != golden {value!r}"
 
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from kdzoo.bench.leaderboard import COLUMNS, build, collect, recipe_hash
+from kdzoo.bench.leaderboard import COLUMNS, build, collect
 from kdzoo.cli import main
-from kdzoo.config import RunConfig
+from kdzoo.config import RunConfig, recipe_hash
 
 VERSIONS = {"python": "3.11.0", "torch": "2.5.0", "timm": "1.0.0", "kdzoo": "0.1.0"}
 KD_CONFIG = {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}

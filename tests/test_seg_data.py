@@ -65,9 +65,9 @@ def test_shapes_for_segmentation_gives_masks_with_background_and_ten_classes():
     spec = get_dataset("shapes", "seg")
     bundle = spec.build(DataRequest(input_size=20, train_size=32, test_size=16, batch_size=8))
     assert bundle.num_classes == 11 and bundle.class_names[0] == "background"
-    images, masks = next(iter(bundle.train))
+    images, masks, _ = next(iter(bundle.train))
     assert images.shape == (8, 3, 20, 20) and images.dtype == torch.float32 and masks.shape == (8, 20, 20)
-    test_images, test_masks = next(iter(bundle.test))
+    test_images, test_masks, _ = next(iter(bundle.test))
     assert test_masks.max() <= 10 and (test_masks == 0).any() and (test_masks > 0).any()
 
 
@@ -104,9 +104,9 @@ def test_voc_loads_from_a_local_tree_and_pads_to_the_canvas(tmp_path):
     _fake_voc(tmp_path)
     bundle = get_dataset("voc", "seg").build(DataRequest(root=str(tmp_path), input_size=24, batch_size=2, workers=0))
     assert bundle.num_classes == 21 and bundle.class_names[15] == "person"
-    images, masks = next(iter(bundle.train))
+    images, masks, _ = next(iter(bundle.train))
     assert images.shape == (2, 3, 24, 24) and masks.shape == (2, 24, 24)
-    images, masks = next(iter(bundle.test))
+    images, masks, _ = next(iter(bundle.test))
     assert masks.shape == (1, 512, 512)           # the whole image, padded with ignore
     assert (masks[0, 5:10, 5:10] == 15).all() and (masks[0, 4] == IGNORE_INDEX).all()
     assert (masks[0, 22:] == IGNORE_INDEX).all() and (masks[0, :, 30:] == IGNORE_INDEX).all()
@@ -133,7 +133,7 @@ def test_cityscapes_maps_label_ids_to_train_ids_at_half_resolution(tmp_path):
             _png(tmp_path / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelIds.png", labels)
     bundle = get_dataset("cityscapes", "seg").build(DataRequest(root=str(tmp_path), input_size=16, batch_size=2, workers=0))
     assert bundle.num_classes == 19 and bundle.class_names[0] == "road" and bundle.class_names[13] == "car"
-    images, masks = next(iter(bundle.test))
+    images, masks, _ = next(iter(bundle.test))
     assert masks.shape == (2, 512, 1024)
     assert (masks[:, :4, :16] == 0).all() and (masks[:, 4:8, :8] == 13).all()
     assert (masks[:, 4:8, 8:16] == IGNORE_INDEX).all() and (masks[:, 8:] == IGNORE_INDEX).all()

@@ -183,7 +183,7 @@ def test_cached_teachers_are_keyed_by_task():
     seg_teacher, cls_teacher = teacher_run_config(seg).resolved(), teacher_run_config(cls).resolved()
     assert seg_teacher.task == "seg" and seg_teacher.run_id().startswith("shapes-seg_baseline_resnet50_")
     assert cls_teacher.run_id().startswith("shapes_baseline_resnet50_")
-    assert seg_teacher.recipe_hash() != cls_teacher.recipe_hash()
+    assert seg_teacher.run_key() != cls_teacher.run_key()
 
 
 def test_cached_teachers_are_keyed_by_the_amount_of_generated_data(monkeypatch):

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ..checkpoint import atomic_write_bytes, atomic_write_text
-from ..config import hash_recipe
+from ..config import recipe_hash
 from ..errors import UserError
 from .status import STATUS_DIR, read_statuses
 
@@ -52,14 +52,6 @@ FORMATS = {"top1_mean": ".2f", "top1_std": ".2f", "top5_mean": ".2f", "gain_vs_b
 
 # What, beyond the method, may differ between a row and the baseline it is compared with.
 _METHOD_ONLY = ("method", "teacher", "teacher_checkpoint", "teacher_pretrained", "teacher_epochs")
-
-
-def recipe_hash(run: dict[str, Any], method_config: dict[str, Any] | None, versions: dict[str, Any],
-                leave_out: tuple[str, ...] = ()) -> str:
-    """The engine's hash (:func:`kdzoo.config.hash_recipe`). A cell that failed before its method
-    settings resolved hashes its raw ``method_settings`` instead."""
-    method = method_config if method_config is not None else {"settings": run.get("method_settings", {})}
-    return hash_recipe(run, method, versions, leave_out)
 
 
 def training_hash(run: dict[str, Any], versions: dict[str, Any]) -> str:

@@ -29,12 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..build import validate
 from ..config import RunConfig
+from ..engine import Interrupted, StopFlag, run, stop_on_signals
 from ..errors import UserError
 from ..locks import try_lock, unlock
+from ..registry import load_plugin
 from ..runs import RunDir
 from ..tasks import get_task
-from .status import status_path, write_status
+from . import leaderboard as lb
+from .leaderboard import wide_console
+from .status import read_status, status_path, write_status
 from .suite import Suite, cell_id
 
 EXIT_FAILED_CELLS = 3
@@ -68,7 +73,6 @@ class Cell:
 # -- one cell ----------------------------------------------------------------------------------
 def run_cell(cell: Cell, suite_name: str, stop, console, attempt: str | None = None) -> str:
     """Run one cell in this process and record the outcome; returns its state."""
-    from ..engine import Interrupted, run
 
     attempt = attempt or uuid.uuid4().hex
     started = time.time()
@@ -95,8 +99,6 @@ def worker_main(argv: list[str]) -> int:
     """Subprocess entry: ``python -m kdzoo.bench.runner '{"cell": {...}, ...}'``."""
     from rich.console import Console
 
-    from ..engine import StopFlag, stop_on_signals
-    from ..registry import load_plugin
 
     payload = json.loads(argv[0])
     threads = payload.get("threads")
@@ -118,7 +120,6 @@ def worker_main(argv: list[str]) -> int:
 # -- the suite ---------------------------------------------------------------------------------
 def plan(suite: Suite) -> list[Cell]:
     """The suite's cells, checked; in the order they will be tried (see :func:`_order`)."""
-    from ..engine import validate
 
     cells = []
     for number, cfg in enumerate(suite.cells, 1):
@@ -151,7 +152,6 @@ def run_suite(suite: Suite, jobs: int = 1, dry_run: bool = False, console=None, 
     """Run the suite; returns the exit code (0 all complete, 3 some cells failed, 130/143 stopped)."""
     from rich.console import Console
 
-    from ..engine import StopFlag
 
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
@@ -159,7 +159,6 @@ def run_suite(suite: Suite, jobs: int = 1, dry_run: bool = False, console=None, 
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     cells = plan(suite)
     if dry_run:
-        from .leaderboard import wide_console
 
         _print_plan(cells, suite, wide_console())
         return 0
@@ -278,7 +277,6 @@ class Scheduler:
         self.running[slot] = (process, cell, fd, attempt)
 
     def _reap(self) -> None:
-        from .status import read_status
 
         for slot, (process, cell, fd, attempt) in list(self.running.items()):
             code = process.poll()
@@ -358,7 +356,6 @@ def _print_plan(cells: list[Cell], suite: Suite, console) -> None:
 
 
 def _print_leaderboard(suite: Suite, cells: list[Cell]) -> None:
-    from . import leaderboard as lb
 
     folders = {c.run_dir().path.name for c in cells}
     entries, _ = lb.collect(suite.output)

@@ -38,17 +38,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..build import create_network, load_data, resolve_device, validate
 from ..config import RunConfig
-from ..data import DataRequest, get_dataset
 from ..data.loaders import InMemoryLoader, to_float
-from ..engine import Normalize, resolve_device, validate
 from ..errors import UserError
 from ..hooks import FeatureTaps
-from ..method import Method
-from ..models import create_model, model_info
-from ..optim import build_optimizer, build_scheduler
+from ..inputs import Inputs
+from ..method import Batch, Method
+from ..models import model_info
+from ..optim import build_optimizer, build_scheduler, split_method_groups
 from ..registry import get_method
-from ..step import TrainStep, autocast, compile_networks, prepare_networks
+from ..step import StepParts, TrainStep, compile_networks, prepare_networks
+from ..tasks import get_task
 from .cpu_memory import cpu_peak_bytes
 
 PHASES = ("student_step", "teacher_forward", "method_step", "hooked_step")
@@ -112,24 +113,16 @@ class SpeedBench:
         self.cfg = cfg = cfg.resolved()
         self.device = device = resolve_device(cfg.device)
         self.method = method
-        spec = get_dataset(cfg.dataset)
-        data = spec.build(DataRequest(
-            root=cfg.data_root, download=cfg.download, input_size=cfg.input_size, train_size=cfg.train_size,
-            test_size=cfg.batch_size, batch_size=cfg.batch_size, seed=cfg.seed, workers=0,
-        ))
+        self.data = data = load_data(cfg, device, test_size=cfg.batch_size, workers=0)
         if not isinstance(data.train, InMemoryLoader):
             raise UserError(f"kdzoo speed needs an in-memory dataset (shapes, cifar10, cifar100), not {cfg.dataset!r}")
-        if len(data.train) == 0:
-            raise UserError(f"the training set has fewer images than one batch ({cfg.batch_size}); raise --train-size")
-        data.train.to(device)
-        self.data = data
 
         torch.manual_seed(cfg.seed)
-        student = create_model(cfg.model, data.num_classes, data.input_size, cfg.small_input_stem).to(device)
+        student = create_network(cfg, cfg.model, data).to(device)
         s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student)
         teacher = t_info = None
         if cfg.teacher:
-            teacher = create_model(cfg.teacher, data.num_classes, data.input_size, cfg.small_input_stem).to(device)
+            teacher = create_network(cfg, cfg.teacher, data).to(device)
             t_info = model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher)
         method.setup(s_info, t_info)
         method.to(device)
@@ -140,7 +133,7 @@ class SpeedBench:
         # the plain phases see as many images per pass as the method's networks do
         self.plain_loader = InMemoryLoader(data.train.images, data.train.targets, self.views, shuffle=True,
                                            seed=cfg.seed, drop_last=True)
-        self.normalize = Normalize(data.mean, data.std, device)
+        self.inputs = Inputs(data.mean, data.std, device, cfg.amp, cfg.channels_last)
         self.baseline_cls = get_method("baseline")
         self._exits: list[Callable[[], None]] = []  # hook removals, run by close()
         try:
@@ -151,10 +144,10 @@ class SpeedBench:
 
     # -- set-up ----------------------------------------------------------------------------
     def _views_per_step(self) -> int:
-        images, targets = next(iter(self.data.train.batches()))
+        images, targets, index = next(iter(self.data.train.batches()))
         with torch.no_grad():
-            prepared, _ = self.method.prepare_batch(to_float(images), targets, self.data.augment)
-        return int(prepared.shape[0])
+            prepared = self.method.prepare_batch(Batch(to_float(images), targets, index), self.data.augment)
+        return int(prepared.images.shape[0])
 
     def _open_taps(self, model: nn.Module | None, names) -> FeatureTaps | None:
         if model is None:
@@ -167,16 +160,16 @@ class SpeedBench:
               s_names, t_names, install: bool) -> tuple[Callable[[int], None], Callable[[], int], torch.optim.Optimizer]:
         cfg, device = self.cfg, self.device
         prepare_networks(student, teacher, method, cfg.channels_last, device)
-        params = [p for p in [*student.parameters(), *method.parameters()] if p.requires_grad]
-        optimizer = build_optimizer(params, cfg)
+        plain, groups = split_method_groups(method, [p for p in student.parameters() if p.requires_grad])
+        optimizer = build_optimizer(plain, cfg, groups)
         scheduler = build_scheduler(optimizer, max(1, len(loader)), cfg)
         if install:
             for handle in method.install(student, teacher):
                 self._exits.append(handle.remove)
         s_taps, t_taps = self._open_taps(student, s_names), self._open_taps(teacher, t_names)
-        s_fn, t_fn = compile_networks(student, teacher) if cfg.compile else (student, teacher)
-        step = TrainStep(s_fn, t_fn, method, s_taps, t_taps, optimizer, scheduler, self.normalize,
-                         self.data.augment, device, cfg.amp, cfg.channels_last)
+        step = TrainStep(StepParts(student, teacher, method, s_taps, t_taps, optimizer, scheduler, self.inputs,
+                                   self.data.augment, get_task(cfg.task).train_hits,
+                                   compile="inductor" if cfg.compile else None))
         batches = _batches(loader)
         counter = itertools.count()
         student.train()
@@ -184,9 +177,9 @@ class SpeedBench:
 
         def run(n: int) -> None:
             for _ in range(n):
-                images, targets = next(batches)
+                images, targets, index = next(batches)
                 # progress 0.5 (mid-training): no built-in method's cost depends on it
-                step(images, targets, 0, next(counter), 0.5)
+                step(images, targets, index, 0, next(counter), 0.5)
 
         return run, _resident([student, teacher, method], optimizer), optimizer
 
@@ -195,13 +188,12 @@ class SpeedBench:
         prepare_networks(None, teacher, None, cfg.channels_last, device)
         forward = compile_networks(teacher, None)[0] if cfg.compile else teacher
         ready = []  # a few augmented, normalised batches: (b) times the forward pass alone
-        for images, _ in itertools.islice(_batches(self.plain_loader), 4):
-            x = self.normalize(self.data.augment(to_float(images)))
-            ready.append(x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x)
+        for images, _, _ in itertools.islice(_batches(self.plain_loader), 4):
+            ready.append(self.inputs(self.data.augment(to_float(images))))
         cycle = itertools.cycle(ready)
 
         def run(n: int) -> None:
-            with torch.no_grad(), autocast(device, cfg.amp):
+            with torch.no_grad(), self.inputs.autocast():
                 for _ in range(n):
                     forward(next(cycle))
 

@@ -24,6 +24,9 @@ from typing import Any
 from ..checkpoint import atomic_write_json
 from ..config import RunConfig
 from ..errors import UserError
+from ..registry import get_method
+from ..runs import versions
+from ..settings import apply_overrides
 
 STATUS_DIR = "bench-status"
 FORMAT = "kdzoo-bench-status-v1"
@@ -40,9 +43,6 @@ def status_path(output: str | Path, run_id: str, suffix: str = ".json") -> Path:
 
 def settings_record(cfg: RunConfig) -> dict[str, Any]:
     """``run``, ``method_config`` and ``versions`` as ``config.json`` has them, as far as they resolve."""
-    from ..registry import get_method
-    from ..runs import versions
-    from ..settings import apply_overrides
 
     try:
         cfg = cfg.resolved()

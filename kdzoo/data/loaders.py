@@ -24,51 +24,91 @@ def rank_part(batch: Tensor, rank: int, world: int) -> Tensor:
     return batch.tensor_split(world)[rank] if world > 1 else batch
 
 
-class InMemoryLoader:
-    """Shuffled mini-batches of a tensor dataset; the order is a function of (seed, epoch).
+class Loader:
+    """What every training and test loader shares: a length in batches, an epoch that seeds the
+    order, a share of every batch under data parallelism, and a device the batches arrive on.
 
-    Under data parallelism (:meth:`shard`) ``batch_size`` stays the global batch and each
-    process yields its share of every batch.
+    ``batches(skip)`` yields ``(images, targets, index)``: ``index`` holds each sample's position
+    in the dataset (int64, on the device), so a method can keep per-sample state (CRD's memory
+    bank) and a cache can key per-sample outputs. Under :meth:`shard` ``batch_size`` stays the
+    global batch and each process yields its share of every batch.
     """
 
-    def __init__(self, images: Tensor, targets: Tensor, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
-        self.images, self.targets = images, targets
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+        self.size, self.batch_size, self.shuffle, self.seed, self.drop_last = size, batch_size, shuffle, seed, drop_last
         self.epoch = 0
         self.rank, self.world = 0, 1
+        self.device = torch.device("cpu")
 
-    def shard(self, rank: int, world: int) -> InMemoryLoader:
+    def shard(self, rank: int, world: int) -> Loader:
         self.rank, self.world = rank, world
         return self
 
-    def to(self, device) -> InMemoryLoader:
-        self.images, self.targets = self.images.to(device), self.targets.to(device)
+    def to(self, device) -> Loader:
+        self.device = torch.device(device)
         return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.targets)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
 
-    def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.targets)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g).to(self.images.device)
-        else:
-            order = torch.arange(n, device=self.images.device)
+    def order(self) -> Tensor:
+        """This epoch's sample order: a function of (seed, epoch) alone, the same on every rank."""
+        if not self.shuffle:
+            return torch.arange(self.size)
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+
+    def parts(self, skip: int = 0) -> Iterator[Tensor]:
+        """Sample indices of this rank's share of each batch from batch ``skip`` on."""
+        order = self.order()
         for i in range(skip, len(self)):
-            idx = rank_part(order[i * self.batch_size:(i + 1) * self.batch_size], self.rank, self.world)
-            if len(idx):  # a short last test batch may leave a rank nothing
-                yield self.images[idx], self.targets[idx]
+            part = rank_part(order[i * self.batch_size:(i + 1) * self.batch_size], self.rank, self.world)
+            if len(part):  # a short last test batch may leave a rank nothing
+                yield part
+
+    def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        raise NotImplementedError
 
     def __iter__(self):
         return self.batches()
 
 
-class TorchLoader:
+class InMemoryLoader(Loader):
+    """Shuffled mini-batches of a tensor dataset held on the training device; the order is a
+    function of (seed, epoch)."""
+
+    def __init__(self, images: Tensor, targets: Tensor, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+        super().__init__(len(targets), batch_size, shuffle, seed, drop_last)
+        self.images, self.targets = images, targets
+
+    def to(self, device) -> InMemoryLoader:
+        super().to(device)
+        self.images, self.targets = self.images.to(device), self.targets.to(device)
+        return self
+
+    def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for part in self.parts(skip):
+            index = part.to(self.images.device)
+            yield self.images[index], self.targets[index], index
+
+
+class _WithIndex(torch.utils.data.Dataset):
+    """A dataset whose items carry their own index, so the DataLoader's batches do too."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, target = self.dataset[i]
+        return image, target, i
+
+
+class TorchLoader(Loader):
     """A DataLoader for datasets too large for memory (image folders).
 
     The batches are drawn here, from (seed, epoch), and handed to the DataLoader as a batch
@@ -78,41 +118,17 @@ class TorchLoader:
     """
 
     def __init__(self, dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 2, drop_last: bool = False):
-        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
-        self.workers, self.drop_last, self.epoch = workers, drop_last, 0
-        self.device = torch.device("cpu")
-        self.rank, self.world = 0, 1
+        super().__init__(len(dataset), batch_size, shuffle, seed, drop_last)
+        self.dataset, self.workers = dataset, workers
 
-    def shard(self, rank: int, world: int) -> TorchLoader:
-        self.rank, self.world = rank, world
-        return self
-
-    def to(self, device) -> TorchLoader:
-        self.device = torch.device(device)
-        return self
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def batches(self, skip: int = 0):
-        n = len(self.dataset)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        parts = (rank_part(order[i * self.batch_size:(i + 1) * self.batch_size], self.rank, self.world)
-                 for i in range(skip, len(self)))
+    def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[p.tolist() for p in parts if len(p)], num_workers=self.workers,
+            _WithIndex(self.dataset), batch_sampler=[p.tolist() for p in self.parts(skip)], num_workers=self.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
-        for images, targets in loader:
-            yield images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-
-    def __iter__(self):
-        return self.batches()
+        for images, targets, index in loader:
+            yield (images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
+                   index.to(self.device, non_blocking=True))
 
 
 def to_float(images: Tensor) -> Tensor:

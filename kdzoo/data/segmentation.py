@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..metrics import IGNORE_INDEX
-from . import (
+from . import shapes as shapes_module
+from .catalog import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataBundle,
@@ -26,7 +27,6 @@ from . import (
     Recipe,
     register_dataset,
 )
-from . import shapes as shapes_module
 from .joint import Canvas, JointAugment
 from .loaders import InMemoryLoader, TorchLoader, to_float
 
@@ -52,12 +52,12 @@ class AugmentedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, masks in self.loader.batches(skip):
+    def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for images, masks, index in self.loader.batches(skip):
             if self.augment is not None:
-                yield self.augment(images, masks)
+                yield (*self.augment(images, masks), index)
             else:
-                yield to_float(images), masks.long()
+                yield to_float(images), masks.long(), index
 
     def __iter__(self):
         return self.batches()

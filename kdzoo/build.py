@@ -1,0 +1,85 @@
+"""From a :class:`~kdzoo.config.RunConfig` to the objects a run is made of.
+
+The engine, the teacher's training and ``kdzoo speed`` all build their method, data and
+networks here, so a setting means the same thing in each: one check of every name and value
+before any work (:func:`validate`), one mapping from the run's settings to a data request
+(:func:`data_request`), one network builder (:func:`create_network`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import distributed
+from .config import RunConfig
+from .data import DataBundle, DataRequest, get_dataset
+from .errors import UserError
+from .method import Method
+from .models import check_model_name, create_model
+from .registry import get_method
+from .settings import apply_overrides
+from .tasks import get_task
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when a GPU is visible, else the CPU; under DDP, this process's GPU."""
+    if name == "auto":
+        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return distributed.device_for(torch.device(name))
+
+
+def validate(cfg: RunConfig) -> Method:
+    """Check every name and setting before any work starts (all errors are UserErrors).
+
+    Returns the method, built from its validated settings (its constructor checks their values).
+    """
+    method_cls = get_method(cfg.method)
+    get_task(cfg.task)
+    if cfg.task not in method_cls.tasks:
+        raise UserError(f"method {cfg.method!r} supports task(s) {', '.join(method_cls.tasks)}, not {cfg.task!r}")
+    settings = {**method_cls.task_defaults.get(cfg.task, {}), **cfg.method_settings}
+    method_config = apply_overrides(method_cls.Config(), settings, f"method {method_cls.name!r}")
+    get_dataset(cfg.dataset, cfg.task)
+    check_model_name(cfg.model)
+    if method_cls.needs_teacher:
+        if not cfg.teacher:
+            raise UserError(f"method {cfg.method!r} needs a teacher: add --teacher MODEL (e.g. --teacher resnet34)")
+        check_model_name(cfg.teacher)
+    for key in ("epochs", "batch_size"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    return method_cls(method_config)
+
+
+def data_request(cfg: RunConfig, **changes) -> DataRequest:
+    """What the run asks of its dataset; ``changes`` replace fields (``kdzoo speed`` reads no workers)."""
+    values = dict(root=cfg.data_root, download=cfg.download, input_size=cfg.input_size, train_size=cfg.train_size,
+                  test_size=cfg.test_size, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers)
+    return DataRequest(**{**values, **changes})
+
+
+def load_data(cfg: RunConfig, device: torch.device, **changes) -> DataBundle:
+    """The run's data on ``device``; under DDP each process holds its share of every batch."""
+    data = get_dataset(cfg.dataset, cfg.task).build(data_request(cfg, **changes))
+    if len(data.train) == 0:
+        raise UserError(f"the training set has fewer images than one batch ({cfg.batch_size}); "
+                        "lower --batch-size or raise --train-size")
+    world = distributed.world_size()
+    if world > 1:
+        if cfg.batch_size % world:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
+                            f"{world} processes; pass a multiple of {world}")
+        data.train.shard(distributed.rank(), world)
+        data.test.shard(distributed.rank(), world)
+    data.train.to(device)
+    data.test.to(device)
+    return data
+
+
+def create_network(cfg: RunConfig, name: str, data: DataBundle, pretrained: bool = False) -> nn.Module:
+    """The timm network ``name`` for this run's data and task (classes, input size, small-input stem)."""
+    return create_model(name, data.num_classes, data.input_size, cfg.small_input_stem, pretrained, cfg.task)
