@@ -7,6 +7,7 @@ import pytest
 import torch
 from kdzoo.methods import frskd as FR
 
+from kdzoo import losses
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
 from kdzoo.models import ModelInfo
@@ -70,7 +71,7 @@ def test_attention_map_closed_form():
     x[0, :, 0, 0] = torch.tensor([3.0, 1.0])  # mean of squares 5
     x[0, :, 0, 1] = torch.tensor([0.0, 2.0 * math.sqrt(5.0)])  # mean of squares 10
     expected = torch.tensor([[5.0, 10.0]]) / math.sqrt(125.0)
-    assert torch.allclose(FR.attention_map(x), expected, atol=1e-7)
+    assert torch.allclose(losses.attention_map(x), expected, atol=1e-7)
 
 
 def test_loss_terms_match_loop_reference():
@@ -196,22 +197,22 @@ def test_self_teacher_forward_is_the_bifpn_formula():
 
 def test_same_max_pool_is_tf_same_padding():
     x = torch.arange(25.0).view(1, 1, 5, 5)
-    out = FR.same_max_pool(x)  # 5 → 3; padding 1 on each side
+    out = losses.same_max_pool(x)  # 5 → 3; padding 1 on each side
     assert out.shape[-2:] == (3, 3)
     assert out[0, 0].tolist() == [[6.0, 8.0, 9.0], [16.0, 18.0, 19.0], [21.0, 23.0, 24.0]]
-    assert FR.same_max_pool(torch.ones(1, 1, 8, 8)).shape[-2:] == (4, 4)
+    assert losses.same_max_pool(torch.ones(1, 1, 8, 8)).shape[-2:] == (4, 4)
 
 
 def test_resampling_lands_on_any_target_size():
     x = torch.rand(2, 3, 7, 7)
-    assert FR.downsample_to(x, (4, 4)).shape[-2:] == (4, 4)
-    assert torch.equal(FR.downsample_to(x, (4, 4)), FR.same_max_pool(x))
-    assert FR.downsample_to(x, (7, 7)) is x
-    assert FR.downsample_to(x, (2, 2)).shape[-2:] == (2, 2)
-    assert FR.downsample_to(x, (9, 9)).shape[-2:] == (9, 9)
+    assert losses.downsample_max(x, (4, 4)).shape[-2:] == (4, 4)
+    assert torch.equal(losses.downsample_max(x, (4, 4)), losses.same_max_pool(x))
+    assert losses.downsample_max(x, (7, 7)) is x
+    assert losses.downsample_max(x, (2, 2)).shape[-2:] == (2, 2)
+    assert losses.downsample_max(x, (9, 9)).shape[-2:] == (9, 9)
     small = torch.rand(2, 3, 4, 4)
-    assert torch.equal(FR.upsample_to(small, (8, 8)), small.repeat_interleave(2, 2).repeat_interleave(2, 3))
-    assert FR.upsample_to(small, (7, 7)).shape[-2:] == (7, 7)
+    assert torch.equal(losses.upsample_nearest(small, (8, 8)), small.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    assert losses.upsample_nearest(small, (7, 7)).shape[-2:] == (7, 7)
 
 
 def test_fusion_weights_are_relu_normalised():
