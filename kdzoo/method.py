@@ -8,6 +8,9 @@ between the two.
 A method is an ``nn.Module`` so that its trainable extras (a self-teacher, 1×1 adapters) are
 moved to the device, optimised, checkpointed and wrapped for DDP together with the student
 with no special cases in the engine.
+
+The loss terms methods are built from (softened KL, cross-entropy, attention maps, …) live in
+:mod:`kdzoo.losses`; this file holds only the contract.
 """
 
 from __future__ import annotations
@@ -18,11 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .metrics import IGNORE_INDEX  # noqa: F401  (methods import it from here with the loss helpers)
 
 if TYPE_CHECKING:
     from .models import ModelInfo
@@ -204,40 +205,3 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def config_fields(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls.Config)]
 
-
-def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy for hard (class index) or soft (probability) targets.
-
-    Dense logits ``(B, K, H, W)`` against masks ``(B, H, W)``: the mean over labelled pixels
-    (mask ≠ 255); zero, with the graph kept, when a batch has no labelled pixel at all.
-    ``label_smoothing`` applies to hard targets.
-    """
-    if targets.dtype.is_floating_point:
-        return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-    if logits.dim() > 2:
-        summed = nn.functional.cross_entropy(logits.float(), targets.long(), ignore_index=IGNORE_INDEX,
-                                             reduction="sum", label_smoothing=label_smoothing)
-        return summed / (targets != IGNORE_INDEX).sum().clamp_min(1)
-    return nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-
-
-def pixels_as_samples(logits: Tensor) -> Tensor:
-    """``(B, K, H, W)`` → ``(B·H·W, K)``: each pixel becomes a row, so a per-sample loss averaged
-    over rows is normalised by B·H·W. Classification logits ``(B, K)`` pass through."""
-    if logits.dim() == 2:
-        return logits
-    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
-
-
-def kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float, reduction: str = "batchmean") -> Tensor:
-    """KL(σ(z_t/τ) ‖ σ(z_s/τ)) — summed over classes, averaged over samples ("batchmean").
-
-    With ``reduction="none"`` the per-sample KL is returned. Computed in float32 so that
-    bf16 autocast does not lose the small probabilities the soft targets carry.
-    """
-    log_p_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_sample = torch.sum(log_p_t.exp() * (log_p_t - log_p_s), dim=-1)
-    if reduction == "none":
-        return per_sample
-    return per_sample.mean()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
-from kdzoo.method import Method, StepOutputs, cross_entropy
+from kdzoo.losses import class_probabilities, cross_entropy
+from kdzoo.method import Method, StepOutputs
 from kdzoo.registry import register_method
 
 
@@ -32,6 +31,5 @@ class Baseline(Method):
             return {"ce": cross_entropy(out.student.logits, targets, label_smoothing=eps)}
         if eps > 0:
             k = out.student.logits.shape[1]
-            soft = targets if targets.dtype.is_floating_point else F.one_hot(targets, k).float()
-            targets = soft * (1 - eps) + eps / k
+            targets = class_probabilities(targets, k) * (1 - eps) + eps / k
         return {"ce": cross_entropy(out.student.logits, targets)}

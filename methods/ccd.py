@@ -14,6 +14,9 @@ the teacher's logits survive the augmentation, ``c_j = cos(z_t(orig_j), z_t(aug_
 ``kd_jda`` is the paper's baseline on the same pairs: plain KD with one KL over all 2B samples,
 ``L = kd_weight · [ α · CE + (1 − α) · τ² · KL_b ]``. Defaults (τ = 4, α = 0.5, kd_weight = 2)
 are the reference code's CIFAR-100 script defaults, so L = CE + τ² · S.
+
+The code carries τ² inside each KL (:func:`kdzoo.losses.softened_kl` is τ²·KL), so it computes
+τ² · S = ½ [ τ²·KL_b + mean_j c_j · τ²·KL_j ] directly.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from torch import Tensor
 
 from kdzoo.data.jda import JDA, paired_views
 from kdzoo.errors import UserError
-from kdzoo.method import Batch, Method, StepOutputs, cross_entropy, kl_div
+from kdzoo.losses import cross_entropy, softened_kl
+from kdzoo.method import Batch, Method, StepOutputs
 from kdzoo.registry import register_method
 
 PolicyName = Literal["cifar100", "cifar10", "imagenet"]
@@ -63,10 +67,11 @@ class _JointAugmentation(Method):
         return student, teacher
 
     def _weighted(self, ce: Tensor, soft: Tensor) -> dict[str, Tensor]:
+        """kd_weight · [α · CE + (1 − α) · soft], with ``soft`` = τ²·S (ccd) or τ²·KL_b (kd_jda)."""
         c = self.config
         return {
             "ce": c.kd_weight * c.alpha_ce * ce,
-            "kd": c.kd_weight * (1 - c.alpha_ce) * c.temperature**2 * soft,
+            "kd": c.kd_weight * (1 - c.alpha_ce) * soft,
         }
 
 
@@ -85,9 +90,9 @@ class CCD(_JointAugmentation):
     def loss(self, out: StepOutputs):
         s, t = self._pairs(out)
         tau = self.config.temperature
-        original = kl_div(s[0::2], t[0::2], tau)
+        original = softened_kl(s[0::2], t[0::2], tau)
         confidence = F.cosine_similarity(t[0::2], t[1::2], dim=1) + 1  # (B,), in [0, 2]
-        augmented = (confidence * kl_div(s[1::2], t[1::2], tau, reduction="none")).mean()
+        augmented = (confidence * softened_kl(s[1::2], t[1::2], tau, reduction="none")).mean()
         return self._weighted(cross_entropy(s, out.targets), (original + augmented) / 2)
 
 
@@ -99,5 +104,5 @@ class KDJDA(_JointAugmentation):
 
     def loss(self, out: StepOutputs):
         s, t = self._pairs(out)
-        return self._weighted(cross_entropy(s, out.targets), kl_div(s, t, self.config.temperature))
+        return self._weighted(cross_entropy(s, out.targets), softened_kl(s, t, self.config.temperature))
 

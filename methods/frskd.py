@@ -10,7 +10,10 @@ imitates the self-teacher's softened logits and the spatial attention of its ref
         + α · τ² · KL_b( σ(sg(z_t)/τ) ‖ σ(z_c/τ) )
         + β · Σ_i mean_{b,p} ( a(F_i) − a(sg(R_i)) )²
 
-with a(X) = the per-sample channel mean of X², flattened over H·W and L2-normalised. The stage
+with a(X) = the per-sample channel mean of X², flattened over H·W and L2-normalised
+(:func:`kdzoo.losses.attention_map`, p = 2; the term is :func:`kdzoo.losses.attention_loss`). The
+reference averages the squared difference over batch and positions (MSE), while the paper writes
+an L2 norm; kdzoo follows the code. The τ²·KL term is :func:`kdzoo.losses.softened_kl`. The stage
 maps enter the self-teacher *without* a stop-gradient, so the self-teacher's cross-entropy also
 trains the classifier's backbone; both distillation terms move only the classifier.
 
@@ -36,15 +39,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserError
-from kdzoo.method import (
-    Batch,
-    Method,
-    StepOutputs,
-    Taps,
+from kdzoo.losses import (
+    attention_loss,
+    class_probabilities,
     cross_entropy,
-    kl_div,
-    pixels_as_samples,
+    downsample_max,
+    resize_bilinear,
+    softened_kl,
+    upsample_nearest,
 )
+from kdzoo.method import Batch, Method, StepOutputs, Taps
 from kdzoo.registry import register_method
 
 Size = tuple[int, int]
@@ -53,69 +57,6 @@ _FUSION_EPS = 1e-6  # EfficientDet's fast-normalised-fusion epsilon, as in the r
 
 
 # -- plain functions, so the tests can check each one ---------------------------------------
-
-def attention_map(feature: Tensor) -> Tensor:
-    """a(X): channel mean of X², flattened to (B, H·W) and L2-normalised per sample, in float32.
-
-    It has no channel axis left, so a C-channel classifier stage and its w·C-channel refined map
-    compare directly without an adapter.
-    """
-    return F.normalize(feature.float().pow(2).mean(dim=1).flatten(1), dim=1)
-
-
-def attention_loss(feature: Tensor, refined: Tensor) -> Tensor:
-    """Mean squared difference of the two attention maps; the refined map is the fixed target.
-
-    The reference averages the squared difference over batch and positions (MSE), while the
-    paper writes an L2 norm; kdzoo follows the code.
-    """
-    return (attention_map(feature) - attention_map(refined.detach())).pow(2).mean()
-
-
-def same_max_pool(x: Tensor) -> Tensor:
-    """3×3 max-pool, stride 2, with TensorFlow "same" padding: H×W → ⌈H/2⌉×⌈W/2⌉.
-
-    This is the reference's down-sampler. The padding is zeros; that is harmless because its
-    input has just been through a ReLU.
-    """
-    h, w = x.shape[-2:]
-    pad_h = max((math.ceil(h / 2) - 1) * 2 + 3 - h, 0)
-    pad_w = max((math.ceil(w / 2) - 1) * 2 + 3 - w, 0)
-    x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-    return F.max_pool2d(x, kernel_size=3, stride=2)
-
-
-def downsample_to(x: Tensor, size: Size) -> Tensor:
-    """Bring a finer map to the next level's size on the bottom-up path.
-
-    The reference assumes each stage halves the resolution. kdzoo keeps its stride-2 same-padded
-    max-pool whenever the target is exactly ⌈H/2⌉×⌈W/2⌉ (all ResNets at 32² and 224², odd sizes
-    such as 7→4 included), does nothing when the sizes already agree (ViT-like equal grids), and
-    otherwise max-pools adaptively to the target (or, should a deeper map be larger, takes the
-    nearest pixel).
-    """
-    h, w = x.shape[-2:]
-    size = (int(size[0]), int(size[1]))
-    if (h, w) == size:
-        return x
-    if size == ((h + 1) // 2, (w + 1) // 2):
-        return same_max_pool(x)
-    if size[0] <= h and size[1] <= w:
-        return F.adaptive_max_pool2d(x, size)
-    return F.interpolate(x, size=size, mode="nearest")
-
-
-def upsample_to(x: Tensor, size: Size) -> Tensor:
-    """Bring a coarser map to the next level's size on the top-down path: nearest pixel.
-
-    For an exact 2× ratio this is the reference's ×2 nearest upsample; for any other ratio it
-    still lands on the target size.
-    """
-    size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="nearest")
-
 
 def ramp(progress: float, start: float, length: float) -> float:
     """Factor of α and β at ``progress`` (0 → 1 over training): 0 before ``start``, then the
@@ -175,8 +116,11 @@ class SelfTeacher(nn.Module):
     Output:    R_i = ReLU(T_i),  z_t = Linear(GAP(R_n))
 
     L_i and L'_i are two separately parameterised 1×1 laterals of the same stage map; every
-    fused input passes through a ReLU first. Resampling adapts to whatever sizes arrive, so the
-    same module works for halving CNN stages, odd sizes and equal-size ViT grids.
+    fused input passes through a ReLU first. ``up`` is :func:`kdzoo.losses.upsample_nearest` and
+    ``down`` :func:`kdzoo.losses.downsample_max`. The reference assumes each stage halves the
+    resolution (×2 nearest upsample, stride-2 same-padded max-pool); kdzoo uses exactly those
+    whenever the sizes halve and adapts to whatever other sizes arrive, so the same module works
+    for halving CNN stages, odd sizes and equal-size ViT grids.
     """
 
     def __init__(self, channels: list[int], num_classes: int, width: int = 2, depth: int = 2, dense: bool = False):
@@ -212,13 +156,13 @@ class SelfTeacher(nn.Module):
         top_down[-1] = lat[-1]
         for i in range(n - 2, -1, -1):
             w = fusion_weights(self.td_weight[i])
-            coarser = self.td_proj[i](upsample_to(F.relu(top_down[i + 1]), sizes[i]))
+            coarser = self.td_proj[i](upsample_nearest(F.relu(top_down[i + 1]), sizes[i]))
             top_down[i] = self.td_conv[i](w[0] * F.relu(lat[i]) + w[1] * coarser)
 
         outs = [top_down[0]]
         for i in range(1, n):
             w = fusion_weights(self.bu_weight[i - 1])
-            finer = self.bu_proj[i - 1](downsample_to(F.relu(outs[-1]), sizes[i]))
+            finer = self.bu_proj[i - 1](downsample_max(F.relu(outs[-1]), sizes[i]))
             inputs = [F.relu(lat_bu[i]), F.relu(top_down[i]), finer] if i < n - 1 else [F.relu(lat_bu[i]), finer]
             outs.append(self.bu_conv[i - 1](sum(wk * x for wk, x in zip(w, inputs))))
 
@@ -228,13 +172,6 @@ class SelfTeacher(nn.Module):
 
 
 # -- helpers for the augmentation variants ---------------------------------------------------
-
-def soft_targets(targets: Tensor, num_classes: int) -> Tensor:
-    """Class indices (B,) → one-hot float (B, K); probabilities pass through as float."""
-    if targets.dtype.is_floating_point:
-        return targets.float()
-    return F.one_hot(targets, num_classes).float()
-
 
 def _beta(concentration: float, device: torch.device) -> Tensor:
     """λ ~ Beta(a, a) as a 0-d tensor drawn on ``device`` (no host synchronisation)."""
@@ -365,7 +302,7 @@ class FRSKD(Method):
             return Batch(torch.cat([images, rotations(images)]), targets, torch.cat([index, index.repeat_interleave(4)]))
         if c.aug == "none":
             return Batch(images, targets, index)
-        soft = soft_targets(targets, self.num_classes)
+        soft = class_probabilities(targets, self.num_classes)
         mix = mixup if c.aug == "mixup" else cutmix
         concentration = c.mix_alpha if c.mix_alpha is not None else (0.2 if c.aug == "mixup" else 1.0)
         mixed, mixed_targets = mix(images, soft, concentration)
@@ -377,8 +314,7 @@ class FRSKD(Method):
         c = self.config
         scale = ramp(progress, c.ramp_start, c.ramp_length)
         return {
-            "kd": scale * c.alpha * c.temperature**2 * kl_div(
-                pixels_as_samples(z_c), pixels_as_samples(z_t.detach()), c.temperature),
+            "kd": scale * c.alpha * softened_kl(z_c, z_t.detach(), c.temperature),
             "att": scale * c.beta * sum(attention_loss(f, r) for f, r in zip(feats, refined)),
         }
 
@@ -387,7 +323,7 @@ class FRSKD(Method):
         refined, z_t = self.self_teacher(feats)
         z_c = out.student.logits
         if self.dense:  # the self-teacher predicts at R_1's resolution; compare at the student's
-            z_t = F.interpolate(z_t, size=z_c.shape[-2:], mode="bilinear", align_corners=False)
+            z_t = resize_bilinear(z_t, z_c.shape[-2:])
         if self.config.sla:
             return self._sla_loss(out, z_c, z_t, feats, refined)
         return {
@@ -408,16 +344,16 @@ class FRSKD(Method):
         b = out.targets.shape[0]
         if z_c.shape[0] != 5 * b:
             raise RuntimeError(f"frskd sla=true expects 5B = {5 * b} samples (originals + 4 rotations), got {z_c.shape[0]}")
-        joint = joint_targets(soft_targets(out.targets, self.num_classes))
+        joint = joint_targets(class_probabilities(out.targets, self.num_classes))
         rot_c = self.rotation_head(feats[-1][b:].float().mean(dim=(2, 3)))
         rot_t = self.rotation_head_self(refined[-1][b:].float().mean(dim=(2, 3)))
         agg_c, agg_t = aggregate_rotations(rot_c), aggregate_rotations(rot_t)
-        tau2 = c.temperature**2
-        own_kd = kl_div(z_c[:b], agg_c.detach(), c.temperature) + kl_div(z_t[:b], agg_t.detach(), c.temperature)
+        own_kd = (softened_kl(z_c[:b], agg_c.detach(), c.temperature)
+                  + softened_kl(z_t[:b], agg_t.detach(), c.temperature))
         return {
             "ce": cross_entropy(z_c[:b], out.targets),
             "ce_self": cross_entropy(z_t[:b], out.targets),
             "sla_ce": cross_entropy(rot_c, joint) + cross_entropy(rot_t, joint),
-            "sla_kd": c.sla_weight * tau2 * own_kd,
+            "sla_kd": c.sla_weight * own_kd,
             **self._distill(torch.cat([z_c[:b], agg_c]), torch.cat([z_t[:b], agg_t]), feats, refined, out.progress),
         }

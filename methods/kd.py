@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdzoo.method import Method, StepOutputs, cross_entropy, kl_div, pixels_as_samples
+from kdzoo.losses import cross_entropy, softened_kl
+from kdzoo.method import Method, StepOutputs
 from kdzoo.registry import register_method
 
 
@@ -40,6 +41,5 @@ class KD(Method):
         teacher = self.teacher_output(out)
         return {
             "ce": c.ce_weight * cross_entropy(out.student.logits, out.targets),
-            "kd": c.kd_weight * c.temperature**2 * kl_div(
-                pixels_as_samples(out.student.logits), pixels_as_samples(teacher.logits), c.temperature),
+            "kd": c.kd_weight * softened_kl(out.student.logits, teacher.logits, c.temperature),
         }

@@ -7,12 +7,15 @@ against the teacher's matching stage, and only the last module and the head see 
     L = α · CE(z_s, y) + (1 − α) · Σ_k L_att^k + β · Σ_k L_lf^k
 
 - L_lf^k = mean over elements of (A_k(S_k) − T̃_k)², the paper's per-layer feature loss; A_k is a
-  trainable 1×1 conv (C_s → C_t) and T̃_k the teacher stage resized to the student's H×W.
+  trainable 1×1 conv (C_s → C_t) and T̃_k the teacher stage resized to the student's H×W
+  (:func:`kdzoo.losses.resize_average`: average pooling when shrinking, bilinear when growing).
 - L_att^k is the Non-Directional Activation Mapping (NDAM) loss. The paper body could not be
   read; kdzoo's reading is a sign-free ("non-directional"), class-free activation map
-  m(F) = channel-mean of |F|^p over each position, L2-normalised over the H·W positions,
-  compared between student and teacher (``ndam="map"``, default), or the teacher's map used as
-  spatial weights of the feature error (``ndam="weighted"``). See docs/methods/lakd.md for
+  m(F) = channel-mean of |F|^p over each position, L2-normalised over the H·W positions
+  (:func:`kdzoo.losses.attention_map`), compared between student and teacher by the squared L2
+  distance summed over positions (:func:`kdzoo.losses.attention_loss` with
+  ``sum_positions=True``; ``ndam="map"``, default), or the teacher's map used as spatial weights
+  of the feature error (``ndam="weighted"``). See docs/methods/lakd.md for
   exactly which parts are the paper's and which are kdzoo's.
 
 Because every stage's input is detached, Σ_k of the local losses gives each module exactly the
@@ -26,12 +29,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserError
 from kdzoo.hooks import stage_entries
-from kdzoo.method import Method, StepOutputs, Taps, cross_entropy
+from kdzoo.losses import activation_map, attention_loss, cross_entropy, resize_average
+from kdzoo.method import Method, StepOutputs, Taps
 from kdzoo.registry import register_method
 
 _EPS = 1e-12
@@ -50,41 +53,13 @@ def pair_stages(n_student: int, n_teacher: int) -> list[int]:
     return [min(n_teacher, max(1, math.floor(i * n_teacher / n_student + 0.5))) - 1 for i in range(1, n_student + 1)]
 
 
-def resize_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, C, H, W) → (B, C, *size): average pooling when shrinking, bilinear when growing."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
-        return x
-    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(x, size)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def activation_map(feature: Tensor, p: float = 2.0) -> Tensor:
-    """Non-directional activation map (B, H, W): channel mean of |F|^p, float32."""
-    return feature.float().abs().pow(p).mean(dim=1)
-
-
-def normalized_map(feature: Tensor, size: tuple[int, int], p: float = 2.0) -> Tensor:
-    """The activation map at ``size``, flattened and L2-normalised per sample: (B, H·W)."""
-    amap = resize_to(activation_map(feature, p).unsqueeze(1), size).flatten(1)
-    return amap / amap.norm(dim=1, keepdim=True).clamp_min(_EPS)
-
-
-def map_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
-    """Squared L2 distance between the normalised maps, summed over positions, mean over batch."""
-    size = tuple(student.shape[-2:])
-    diff = normalized_map(student, size, p) - normalized_map(teacher.detach(), size, p)
-    return diff.pow(2).sum(dim=1).mean()
-
-
 def weighted_feature_loss(projected: Tensor, teacher_resized: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
     """Feature error per position (mean over channels) weighted by the teacher's activation map.
 
     The weights are the teacher map at the student's H×W, normalised to sum to 1 per sample.
     """
     size = tuple(projected.shape[-2:])
-    weights = resize_to(activation_map(teacher.detach(), p).unsqueeze(1), size).flatten(1)
+    weights = resize_average(activation_map(teacher.detach(), p).unsqueeze(1), size).flatten(1)
     weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(_EPS)
     error = (projected.float() - teacher_resized.detach().float()).pow(2).mean(dim=1).flatten(1)
     return (weights * error).sum(dim=1).mean()
@@ -206,10 +181,10 @@ class LAKD(Method):
             t = t_stages[j].detach().float()
             with torch.autocast(device_type=s.device.type, enabled=False):
                 projected = adapter(s.float())
-            t_resized = resize_to(t, tuple(s.shape[-2:]))
+            t_resized = resize_average(t, tuple(s.shape[-2:]))
             lf = (projected - t_resized).pow(2).mean()
             if self.config.ndam == "map":
-                att = map_loss(s, t, p)
+                att = attention_loss(s, t, p, sum_positions=True)
             else:
                 att = weighted_feature_loss(projected, t_resized, t, p)
             terms.append((lf, att))

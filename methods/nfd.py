@@ -31,37 +31,14 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdzoo.errors import UserError
-from kdzoo.method import (
-    Method,
-    StepOutputs,
-    Taps,
-    cross_entropy,
-    kl_div,
-    pixels_as_samples,
-)
+from kdzoo.losses import cross_entropy, resize_bilinear, softened_kl, standardize
+from kdzoo.method import Method, StepOutputs, Taps
 from kdzoo.registry import register_method
 
 _STAGE = re.compile(r"^stage(\d+)$")
-_VAR_FLOOR = 1e-12  # keeps sqrt's gradient finite on a spatially constant channel
-
-
-def standardize(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """Per-sample, per-channel spatial standardisation of a (B, C, H, W) map, in float32."""
-    x = x.float()
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    var = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True)
-    return (x - mean) / (var.clamp_min(_VAR_FLOOR).sqrt() + eps)
-
-
-def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
-    size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def nfd_layer_loss(projected: Tensor, teacher: Tensor, eps: float = 1e-5) -> Tensor:
@@ -189,6 +166,5 @@ class NFD(Method):
             }
             if c.kd_weight > 0:
                 teacher = self.teacher_output(out)
-                terms["kd"] = c.kd_weight * c.temperature**2 * kl_div(
-                    pixels_as_samples(out.student.logits), pixels_as_samples(teacher.logits.detach()), c.temperature)
+                terms["kd"] = c.kd_weight * softened_kl(out.student.logits, teacher.logits.detach(), c.temperature)
         return terms

@@ -17,12 +17,16 @@ compared directly, so there are no extra parameters.
 Huber is smooth-L1 with δ = 1. Defaults (25, 50, CE 1) are the CIFAR-100 setting of
 RepDistiller and mdistiller, on the pooled pre-logit embedding.
 
+The potentials ψ_D (:func:`kdzoo.losses.normalized_distances`), the unit differences u and ψ_A
+(:func:`kdzoo.losses.unit_differences`, :func:`kdzoo.losses.triplet_cosines`) are shared terms.
+
 Memory. The unit-difference tensors are (B, B, D), i.e. O(B²·D). The B³ cosines are never held
-at once: :func:`angle_loss` walks the anchors in chunks inside a custom autograd function that
-keeps only the unit-difference tensors for backward and recomputes each chunk's cosines there.
-Plain chunking under autograd would not help, since autograd would keep every chunk's
-cosines alive until backward (B³ in total). Each chunk holds at most ``chunk·B²`` cosines; the
-automatic chunk size is min(B, D), so a chunk is never larger than a unit-difference tensor.
+at once: :func:`kdzoo.losses.angle_potential_huber` walks the anchors in chunks inside a custom
+autograd function that keeps only the unit-difference tensors for backward and recomputes each
+chunk's cosines there. Plain chunking under autograd would not help, since autograd would keep
+every chunk's cosines alive until backward (B³ in total). Each chunk holds at most ``chunk·B²``
+cosines; the automatic chunk size is min(B, D), so a chunk is never larger than a
+unit-difference tensor.
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdzoo.method import Method, StepOutputs, Taps, cross_entropy
+from kdzoo.losses import (
+    angle_potential_huber,
+    auto_chunk,
+    cross_entropy,
+    normalized_distances,
+    unit_differences,
+)
+from kdzoo.method import Method, StepOutputs, Taps
 from kdzoo.registry import register_method
 
 
@@ -41,28 +52,8 @@ def _flat32(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).float()
 
 
-def pairwise_distances(e: Tensor, eps: float = 1e-12, squared: bool = False) -> Tensor:
-    """(B, B) Euclidean distances via ‖a‖² + ‖b‖² − 2a·b, clamped at ``eps``, zero diagonal.
-
-    The diagonal is written with ``torch.where`` (no in-place write on a tensor autograd needs).
-    """
-    sq_norms = e.pow(2).sum(dim=1)
-    sq = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (e @ e.t())).clamp_min(eps)
-    d = sq if squared else sq.sqrt()
-    eye = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
-    return torch.where(eye, torch.zeros((), dtype=d.dtype, device=d.device), d)
-
-
-def normalized_distances(e: Tensor, eps: float = 1e-12, squared: bool = False) -> Tensor:
-    """Pairwise distances divided by the mean of the positive entries (the off-diagonal pairs)."""
-    d = pairwise_distances(e, eps, squared)
-    positive = d > 0
-    mean = (d * positive).sum() / positive.sum().clamp_min(1)
-    return d / mean
-
-
 def distance_loss(student: Tensor, teacher: Tensor, eps: float = 1e-12, squared: bool = False) -> Tensor:
-    """L_D: smooth-L1 (δ=1) between normalised distance matrices, mean over all B² entries."""
+    """L_D: smooth-L1 (δ=1) between the normalised distance matrices ψ_D, mean over all B² entries."""
     s, t = _flat32(student), _flat32(teacher).detach()
     if s.shape[0] < 2:
         return s.sum() * 0.0  # no pairs: nothing to match, keep the graph connected
@@ -71,68 +62,11 @@ def distance_loss(student: Tensor, teacher: Tensor, eps: float = 1e-12, squared:
     return F.smooth_l1_loss(normalized_distances(s, eps, squared), t_d, reduction="mean", beta=1.0)
 
 
-def unit_differences(e: Tensor, eps: float = 1e-12) -> Tensor:
-    """(B, B, D): u[i, j] = (e_j − e_i) / ‖e_j − e_i‖, and 0 where ‖e_j − e_i‖ ≤ eps (always for i = j).
-
-    The reference's ``F.normalize`` divides a (near-)zero difference by eps, so two coincident
-    embeddings send a gradient of order 1/eps = 1e12 into the network. Here such a pair is a
-    constant zero vector: same values for every pair farther apart than eps, no gradient spike.
-    """
-    diff = e[None, :, :] - e[:, None, :]
-    norm = diff.norm(p=2, dim=2, keepdim=True)
-    apart = norm > eps
-    safe = torch.where(apart, norm, torch.ones_like(norm))
-    return torch.where(apart, diff / safe, torch.zeros_like(diff))
-
-
-def _chunk_cosines(u: Tensor, start: int, stop: int) -> Tensor:
-    block = u[start:stop]
-    return torch.bmm(block, block.transpose(1, 2))  # (chunk, B, B): ψ[i, j, k] for anchors i in the chunk
-
-
-class _ChunkedAngleLoss(torch.autograd.Function):
-    """Σ_ijk Huber(ψ^s_ijk − ψ^t_ijk) / B³ with ψ computed chunk by chunk over anchors.
-
-    Backward: ∂/∂u_s[i] = (G_i + G_iᵀ) · u_s[i], with G_i[j, k] = Huber'(ψ^s_ijk − ψ^t_ijk) =
-    clamp(ψ^s − ψ^t, −1, 1); the chunk's cosines are recomputed, so only u_s and u_t are saved.
-    """
-
-    @staticmethod
-    def forward(ctx, u_s: Tensor, u_t: Tensor, chunk: int) -> Tensor:
-        b = u_s.shape[0]
-        total = u_s.new_zeros(())
-        for start in range(0, b, chunk):
-            stop = min(b, start + chunk)
-            diff = _chunk_cosines(u_s, start, stop) - _chunk_cosines(u_t, start, stop)
-            total = total + F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="sum", beta=1.0)
-        ctx.save_for_backward(u_s, u_t)
-        ctx.chunk = chunk
-        return total / float(b) ** 3
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        u_s, u_t = ctx.saved_tensors
-        b, chunk = u_s.shape[0], ctx.chunk
-        grad = torch.empty_like(u_s)
-        scale = grad_out / float(b) ** 3
-        for start in range(0, b, chunk):
-            stop = min(b, start + chunk)
-            g = (_chunk_cosines(u_s, start, stop) - _chunk_cosines(u_t, start, stop)).clamp(-1.0, 1.0)
-            grad[start:stop] = torch.bmm(g + g.transpose(1, 2), u_s[start:stop]) * scale
-        return grad, None, None
-
-
-def auto_chunk(batch: int, dim_s: int, dim_t: int) -> int:
-    """Anchors per chunk so that chunk·B² cosines never exceed one (B, B, D) tensor: min(B, D)."""
-    return max(1, min(batch, max(dim_s, dim_t)))
-
-
 def angle_loss(student: Tensor, teacher: Tensor, chunk: int | None = None) -> Tensor:
-    """L_A: smooth-L1 (δ=1) between triplet-angle cosines, mean over all B³ entries.
+    """L_A: smooth-L1 (δ=1) between triplet-angle cosines ψ_A, mean over all B³ entries.
 
-    ``chunk``: anchors processed at once (None or ≤ 0: :func:`auto_chunk`). The value does not
-    change the result, only the peak memory.
+    ``chunk``: anchors processed at once (None or ≤ 0: :func:`kdzoo.losses.auto_chunk`). The
+    value does not change the result, only the peak memory.
     """
     s, t = _flat32(student), _flat32(teacher).detach()
     b = s.shape[0]
@@ -141,7 +75,7 @@ def angle_loss(student: Tensor, teacher: Tensor, chunk: int | None = None) -> Te
     u_s = unit_differences(s)
     with torch.no_grad():
         u_t = unit_differences(t)
-    return _ChunkedAngleLoss.apply(u_s, u_t, int(min(chunk, b)))
+    return angle_potential_huber(u_s, u_t, min(chunk, b))
 
 
 @register_method("relational_kd", aliases=("rkd",))

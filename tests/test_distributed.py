@@ -29,7 +29,8 @@ import os, signal
 from dataclasses import dataclass
 from torch import nn
 from kdzoo import Method, register_method
-from kdzoo.method import Taps, cross_entropy
+from kdzoo.losses import cross_entropy
+from kdzoo.method import Taps
 
 @register_method("test_ddp_aux")
 class AuxHead(Method):

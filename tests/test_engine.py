@@ -14,7 +14,8 @@ import torch
 from kdzoo.checkpoint import read_checkpoint
 from kdzoo.cli import main
 from kdzoo.engine import Interrupted, StopFlag, run
-from kdzoo.method import Method, cross_entropy
+from kdzoo.losses import cross_entropy
+from kdzoo.method import Method
 from kdzoo.registry import register_method
 
 from .conftest import tiny_args, tiny_config

@@ -30,7 +30,7 @@ from .conftest import tiny_args
 PLUGIN = '''
 import os, signal
 from kdzoo import Method, register_method
-from kdzoo.method import cross_entropy
+from kdzoo.losses import cross_entropy
 
 @register_method("test_self_kill")
 class SelfKill(Method):

@@ -6,7 +6,7 @@ import torch
 
 from kdzoo.data import jda as J
 from kdzoo.errors import UserError
-from kdzoo.method import NetOutputs, StepOutputs
+from kdzoo.method import Batch, NetOutputs, StepOutputs
 from kdzoo.registry import get_method
 
 from .reference import cos, kl, mean_ce, mean_kl
@@ -24,6 +24,7 @@ Y = torch.tensor([1, 1, 2, 2])
 
 
 # -- the independent loop reference (tests/reference.py) applied to the CCD / KD+JDA formula ---
+
 
 def _reference(s, t, y, tau, alpha, weight, weighted):
     s, t, y = s.tolist(), t.tolist(), y.tolist()
@@ -364,6 +365,8 @@ def test_prepare_batch_builds_the_pairs_with_independent_crops():
     method = get_method("ccd")(get_method("ccd").Config(p=0.0))  # p = 0: both views are crops of the same image
     x = torch.rand(4, 3, 16, 16)
     torch.manual_seed(0)
-    images, targets = method.prepare_batch(x, torch.arange(4), CropFlip(padding=4))
+    batch = method.prepare_batch(Batch(x, torch.arange(4), torch.arange(10, 14)), CropFlip(padding=4))
+    images, targets = batch.images, batch.targets
+    assert batch.index.tolist() == [10, 10, 11, 11, 12, 12, 13, 13]  # both views carry their image's index
     assert images.shape == (8, 3, 16, 16) and targets.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert not torch.equal(images[0::2], images[1::2])

@@ -7,8 +7,9 @@ import pytest
 import torch
 from kdzoo.methods import frskd as FR
 
+from kdzoo import losses
 from kdzoo.errors import UserError
-from kdzoo.method import NetOutputs, StepOutputs
+from kdzoo.method import Batch, NetOutputs, StepOutputs
 from kdzoo.models import ModelInfo
 from kdzoo.registry import get_method
 
@@ -16,6 +17,12 @@ from .conftest import tiny_config
 from .reference import ce, kl, mean_ce, mean_kl
 
 K = 5
+
+
+def prepared(method, images, targets, augment):
+    """(images, targets) of ``method.prepare_batch`` on a raw batch whose rows are dataset images 0..B-1."""
+    batch = method.prepare_batch(Batch(images, targets, torch.arange(len(targets), device=targets.device)), augment)
+    return batch.images, batch.targets
 
 
 def _info(channels, sizes, num_classes=K):
@@ -70,7 +77,7 @@ def test_attention_map_closed_form():
     x[0, :, 0, 0] = torch.tensor([3.0, 1.0])  # mean of squares 5
     x[0, :, 0, 1] = torch.tensor([0.0, 2.0 * math.sqrt(5.0)])  # mean of squares 10
     expected = torch.tensor([[5.0, 10.0]]) / math.sqrt(125.0)
-    assert torch.allclose(FR.attention_map(x), expected, atol=1e-7)
+    assert torch.allclose(losses.attention_map(x), expected, atol=1e-7)
 
 
 def test_loss_terms_match_loop_reference():
@@ -196,22 +203,22 @@ def test_self_teacher_forward_is_the_bifpn_formula():
 
 def test_same_max_pool_is_tf_same_padding():
     x = torch.arange(25.0).view(1, 1, 5, 5)
-    out = FR.same_max_pool(x)  # 5 → 3; padding 1 on each side
+    out = losses.same_max_pool(x)  # 5 → 3; padding 1 on each side
     assert out.shape[-2:] == (3, 3)
     assert out[0, 0].tolist() == [[6.0, 8.0, 9.0], [16.0, 18.0, 19.0], [21.0, 23.0, 24.0]]
-    assert FR.same_max_pool(torch.ones(1, 1, 8, 8)).shape[-2:] == (4, 4)
+    assert losses.same_max_pool(torch.ones(1, 1, 8, 8)).shape[-2:] == (4, 4)
 
 
 def test_resampling_lands_on_any_target_size():
     x = torch.rand(2, 3, 7, 7)
-    assert FR.downsample_to(x, (4, 4)).shape[-2:] == (4, 4)
-    assert torch.equal(FR.downsample_to(x, (4, 4)), FR.same_max_pool(x))
-    assert FR.downsample_to(x, (7, 7)) is x
-    assert FR.downsample_to(x, (2, 2)).shape[-2:] == (2, 2)
-    assert FR.downsample_to(x, (9, 9)).shape[-2:] == (9, 9)
+    assert losses.downsample_max(x, (4, 4)).shape[-2:] == (4, 4)
+    assert torch.equal(losses.downsample_max(x, (4, 4)), losses.same_max_pool(x))
+    assert losses.downsample_max(x, (7, 7)) is x
+    assert losses.downsample_max(x, (2, 2)).shape[-2:] == (2, 2)
+    assert losses.downsample_max(x, (9, 9)).shape[-2:] == (9, 9)
     small = torch.rand(2, 3, 4, 4)
-    assert torch.equal(FR.upsample_to(small, (8, 8)), small.repeat_interleave(2, 2).repeat_interleave(2, 3))
-    assert FR.upsample_to(small, (7, 7)).shape[-2:] == (7, 7)
+    assert torch.equal(losses.upsample_nearest(small, (8, 8)), small.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    assert losses.upsample_nearest(small, (7, 7)).shape[-2:] == (7, 7)
 
 
 def test_fusion_weights_are_relu_normalised():
@@ -307,7 +314,7 @@ def test_mixing_gives_valid_soft_targets_that_match_the_pixels(aug):
 
     torch.manual_seed(3)
     for _ in range(5):
-        mixed, soft = method.prepare_batch(images, labels, augment)
+        mixed, soft = prepared(method, images, labels, augment)
         assert mixed.shape == images.shape and soft.shape == (6, 6) and soft.dtype == torch.float32
         assert (soft >= 0).all() and torch.allclose(soft.sum(1), torch.ones(6))
         # the mean pixel of each mixed image is the label-weighted mean of the source values
@@ -325,9 +332,9 @@ def test_mixing_uses_the_reference_beta(monkeypatch, aug, expected):
     monkeypatch.setattr(FR, "_beta", lambda a, device: seen.append(a) or torch.tensor(0.7))
     method = _method([4, 6], [4, 2], aug=aug)
     images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
-    method.prepare_batch(images, labels, lambda x: x)
+    prepared(method, images, labels, lambda x: x)
     method2 = _method([4, 6], [4, 2], aug=aug, mix_alpha=0.5)
-    method2.prepare_batch(images, labels, lambda x: x)
+    prepared(method2, images, labels, lambda x: x)
     assert seen == [expected, 0.5]
 
 
@@ -335,7 +342,7 @@ def test_mixup_with_lambda_one_is_the_identity(monkeypatch):
     monkeypatch.setattr(FR, "_beta", lambda a, device: torch.tensor(1.0))
     method = _method([4, 6], [4, 2], aug="mixup")
     images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
-    mixed, soft = method.prepare_batch(images, labels, lambda x: x)
+    mixed, soft = prepared(method, images, labels, lambda x: x)
     assert torch.equal(mixed, images) and torch.equal(soft, torch.nn.functional.one_hot(labels, K).float())
 
 
@@ -353,9 +360,9 @@ def test_mixing_is_seeded():
     method = _method([4, 6], [4, 2], aug="cutmix")
     images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     torch.manual_seed(5)
-    a = method.prepare_batch(images, labels, lambda x: x)
+    a = prepared(method, images, labels, lambda x: x)
     torch.manual_seed(5)
-    b = method.prepare_batch(images, labels, lambda x: x)
+    b = prepared(method, images, labels, lambda x: x)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -364,7 +371,7 @@ def test_mixing_is_seeded():
 def test_mixing_on_gpu_stays_on_gpu(aug):
     method = _method([4, 6], [4, 2], aug=aug)
     images, labels = torch.rand(4, 3, 8, 8, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")
-    mixed, soft = method.prepare_batch(images, labels, lambda x: x)
+    mixed, soft = prepared(method, images, labels, lambda x: x)
     assert mixed.is_cuda and soft.is_cuda
 
 
@@ -390,7 +397,9 @@ def test_rotation_batch_layout_and_joint_targets():
 def test_sla_prepare_batch_appends_the_rotations():
     method = _method([4, 6], [4, 2], sla=True)
     images, labels = torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 2])
-    batch, targets = method.prepare_batch(images, labels, lambda x: x)
+    batch, targets = prepared(method, images, labels, lambda x: x)
+    index = method.prepare_batch(Batch(images, labels, torch.tensor([7, 8, 9])), lambda x: x).index
+    assert index.tolist() == [7, 8, 9] + [7] * 4 + [8] * 4 + [9] * 4  # each rotation keeps its image's index
     assert batch.shape == (15, 3, 8, 8) and torch.equal(batch[:3], images) and torch.equal(targets, labels)
     assert torch.equal(batch[3:], FR.rotations(images))
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from kdzoo.methods import rkd as rkd_module
 
+from kdzoo import losses
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
 from kdzoo.registry import aliases_of, get_method
@@ -88,7 +89,7 @@ def test_distance_and_angle_match_loop_references():
 
 
 def test_distance_matrix_has_zero_diagonal_and_unit_mean():
-    d = rkd_module.normalized_distances(S_EMB)
+    d = losses.normalized_distances(S_EMB)
     assert torch.all(d.diagonal() == 0)
     off = d[~torch.eye(5, dtype=torch.bool)]
     assert off.mean().item() == pytest.approx(1.0, abs=1e-6)
@@ -124,7 +125,7 @@ def test_coincident_embeddings_give_zero_unit_vectors_and_finite_gradients():
     assert value.item() == pytest.approx(ref, abs=1e-5)
     (value + rkd_module.distance_loss(s, T_EMB)).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().max() < 10
-    u = rkd_module.unit_differences(s.detach())
+    u = losses.unit_differences(s.detach())
     assert torch.all(u[1, 4] == 0) and torch.all(u[4, 1] == 0) and torch.all(u[2, 2] == 0)
 
 
@@ -162,15 +163,15 @@ def test_chunked_angle_equals_unchunked_in_value_and_gradient(chunk):
 def test_chunked_angle_gradcheck_float64():
     g = torch.Generator().manual_seed(1)
     s = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    ut = rkd_module.unit_differences(torch.randn(6, 4, generator=g, dtype=torch.float64))
+    ut = losses.unit_differences(torch.randn(6, 4, generator=g, dtype=torch.float64))
     assert torch.autograd.gradcheck(
-        lambda x: rkd_module._ChunkedAngleLoss.apply(rkd_module.unit_differences(x), ut, 4), (s,))
+        lambda x: losses.angle_potential_huber(losses.unit_differences(x), ut, 4), (s,))
 
 
 def test_auto_chunk_bounds_the_cosine_block():
-    assert rkd_module.auto_chunk(64, 512, 2048) == 64       # B ≤ D: one block
-    assert rkd_module.auto_chunk(1024, 128, 64) == 128      # B > D: chunk·B² ≤ B²·D
-    assert rkd_module.auto_chunk(3, 1, 1) == 1
+    assert losses.auto_chunk(64, 512, 2048) == 64       # B ≤ D: one block
+    assert losses.auto_chunk(1024, 128, 64) == 128      # B > D: chunk·B² ≤ B²·D
+    assert losses.auto_chunk(3, 1, 1) == 1
 
 
 # -- gradient flow -------------------------------------------------------------------------------

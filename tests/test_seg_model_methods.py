@@ -11,7 +11,8 @@ from kdzoo.config import RunConfig
 from kdzoo.engine import validate
 from kdzoo.errors import UserError
 from kdzoo.hooks import FeatureTaps
-from kdzoo.method import IGNORE_INDEX, NetOutputs, StepOutputs, cross_entropy
+from kdzoo.losses import IGNORE_INDEX, cross_entropy
+from kdzoo.method import NetOutputs, StepOutputs
 from kdzoo.models import ModelInfo, create_model, model_info
 from kdzoo.registry import get_method
 from kdzoo.teacher import teacher_run_config
