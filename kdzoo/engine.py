@@ -32,7 +32,7 @@ from .inputs import Inputs
 from .method import Method
 from .models import model_info, parameter_count
 from .optim import build_optimizer, build_scheduler, split_method_groups
-from .runs import RunDir, command_line, git_commit, versions
+from .runs import RunDir, command_line, git_commit, machine, versions
 from .step import StepParts, TrainStep, prepare_networks
 from .tasks import get_task, metric_columns
 from .teacher import obtain_teacher
@@ -50,7 +50,11 @@ class Interrupted(Exception):
 
 
 class NonFiniteLoss(UserError):
-    """A loss term became NaN or Inf; the last good checkpoint is kept."""
+    """A loss term or a weight became NaN or Inf; the last finite checkpoint is kept."""
+
+    def __init__(self, message: str, step: int, what: str):
+        super().__init__(message)
+        self.step, self.what = step, what
 
 
 @dataclass
@@ -275,6 +279,10 @@ class Trainer:
                 while self.epoch < cfg.epochs and self.global_step < self.total_steps:
                     self._train_epoch()
                     self._end_epoch()
+        except NonFiniteLoss as e:
+            run_dir.write_failure({"state": "failed", "error": str(e), "step": e.step, "non_finite": e.what,
+                                   "last_checkpoint": run_dir.last.name if distributed.on_main(run_dir.last.is_file) else None})
+            raise
         except torch.OutOfMemoryError:
             raise UserError(
                 f"out of memory on {self.device} at --batch-size {cfg.batch_size} ({cfg.model}"
@@ -364,8 +372,8 @@ class Trainer:
             if not math.isfinite(value):
                 raise NonFiniteLoss(
                     f"loss term {name!r} became {value} by step {self.global_step} (epoch {self.epoch + 1}); "
-                    f"the last good checkpoint is {self.ctx.run_dir.last}; lower --lr or the term's weight"
-                )
+                    f"{self._kept()}; lower --lr, or the weight of {name!r} if the method has one (--set)",
+                    self.global_step, f"loss term {name}")
             self.sums[name] = self.sums.get(name, 0.0) + value
         return stop_votes > 0
 
@@ -381,8 +389,27 @@ class Trainer:
                                           self.global_step / max(1, self.total_steps))
         return terms, n_images * self.world  # images over all processes
 
+    def _kept(self) -> str:
+        """Which checkpoint survives a stop for non-finite values (only an existing file is named)."""
+        last = self.ctx.run_dir.last
+        if distributed.on_main(last.is_file):
+            return f"the run is recorded as failed; its last finite checkpoint is {last}"
+        return "the run is recorded as failed; no checkpoint was written (it diverged in its first epoch)"
+
+    def _check_weights(self) -> None:
+        """Before anything is evaluated or saved: every trainable weight is finite (one host sync)."""
+        named = [*self.student.named_parameters(), *self.method.named_parameters(prefix="method")]
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).tolist() if named else []
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        if bad:
+            raise NonFiniteLoss(
+                f"{len(bad)} weight tensor(s) became NaN or Inf by step {self.global_step} (first: {bad[0]}); "
+                f"{self._kept()}; lower --lr or check --momentum and the method's settings",
+                self.global_step, f"weight {bad[0]}")
+
     def _end_epoch(self) -> None:
         cfg, data = self.cfg, self.ctx.data
+        self._check_weights()
         distributed.sync_buffers(self.student, self.method)  # evaluate and save rank 0's model
         metrics = self.task.evaluate(self.student, data, self.inputs)
         self.s_taps.pop()
@@ -424,7 +451,7 @@ class Trainer:
             "teacher_source": ctx.teacher_source,
             "data": {"num_classes": ctx.data.num_classes, "input_size": ctx.data.input_size,
                      "train_images": len(ctx.data.train) * self.cfg.batch_size, "augment": repr(ctx.data.augment)},
-            "versions": versions(), "git_commit": git_commit(), "command": command_line(),
+            "versions": versions(), "machine": machine(), "git_commit": git_commit(), "command": command_line(),
             "world_size": self.world,
         }
 
@@ -448,7 +475,7 @@ class Trainer:
             "params_m": params / 1e6, "extra_params_m": self.method.extra_parameter_count() / 1e6,
             "train_img_per_s": self.images_seen / max(self.train_seconds, 1e-9),
             "ms_per_step": 1000 * self.train_seconds / steps,
-            "peak_mem_mb": _peak_memory_mb(self.device), "device": str(self.device),
+            "peak_mem_mb": _peak_memory_mb(self.device), "device": str(self.device), "machine": machine(),
             "wall_time_s": wall, "train_time_s": self.train_seconds, "world_size": self.world,
             "recipe_hash": self._recipe_hash(),
         }

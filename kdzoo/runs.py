@@ -40,6 +40,30 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__, "kdzoo": __version__}
 
 
+def machine() -> dict[str, Any]:
+    """Where a run ran, as far as it changes the digits: the same code, versions and recipe give
+    the same figures only on the same CPU (or GPU) model with the same thread count, since float
+    summation order differs between kernels."""
+    import torch
+
+    record: dict[str, Any] = {"cpu": _cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                              "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None, "cudnn": None}
+    if torch.cuda.is_available():
+        record["gpu"] = torch.cuda.get_device_name()
+        record["cudnn"] = torch.backends.cudnn.version()
+    return record
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
@@ -107,6 +131,16 @@ class RunDir:
     def write_result(self, result: dict[str, Any]) -> None:
         if self.writer:
             atomic_write_json(self.result_path, result)
+            self.failure_path.unlink(missing_ok=True)  # a resumed run that completes is no longer failed
+
+    @property
+    def failure_path(self) -> Path:
+        return self.path / "failure.json"
+
+    def write_failure(self, failure: dict[str, Any]) -> None:
+        """Record why the run stopped without a result (it diverged): the leaderboard shows it as failed."""
+        if self.writer:
+            atomic_write_json(self.failure_path, failure)
 
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> None:
         if self.writer:

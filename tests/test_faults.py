@@ -129,6 +129,8 @@ def test_nan_loss_stops_with_the_term_and_step_and_keeps_the_good_checkpoint(tmp
     assert state["global_step"] == STEPS_PER_EPOCH
     assert all(torch.isfinite(t).all() for t in state["student"].values() if t.is_floating_point())
     assert not (folder / "result.json").exists()
+    failure = json.loads((folder / "failure.json").read_text())
+    assert failure["step"] == 10 and failure["non_finite"] == "loss term ce" and failure["last_checkpoint"] == "last.pt"
 
 
 def test_cuda_out_of_memory_suggests_a_smaller_batch(tmp_path, capsys, monkeypatch):

@@ -130,8 +130,11 @@ def _run_entry(path: Path, record: dict[str, Any] | None, notes: list[str]) -> E
     if not run:
         notes.append(f"skipped {path}: neither config.json nor result.json is readable")
         return None
+    failure = _read_json(path / "failure.json", notes)
     if result is not None:
         status, error = "complete", None
+    elif failure is not None:  # the run itself recorded why it stopped (it diverged)
+        status, error = "failed", failure.get("error")
     elif record is not None and record.get("state") == "failed":
         status, error = "failed", record.get("error")
     else:
