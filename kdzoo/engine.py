@@ -119,6 +119,7 @@ def validate(cfg: RunConfig) -> Method:
 
     Returns the method, built from its validated settings (its constructor checks their values).
     """
+    cfg.validate()  # every run setting's type and range (kdzoo/config.py)
     method_cls = get_method(cfg.method)
     get_task(cfg.task)
     if cfg.task not in method_cls.tasks:
@@ -245,10 +246,11 @@ def run(cfg: RunConfig, resume: bool = False, console=None, stop: StopFlag | Non
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
     ctx = build(cfg, resume, console, stop)
-    if distributed.on_main(ctx.run_dir.is_complete):
-        console.print(f"run {ctx.run_dir.path} is already complete; not training again")
-        return distributed.on_main(ctx.run_dir.read_result)
-    return Trainer(ctx, console, stop).fit(resume)
+    with ctx.run_dir.lock():  # one process at a time in a run folder; a second gets exit 2 (kdzoo/runs.py)
+        if distributed.on_main(ctx.run_dir.is_complete):
+            console.print(f"run {ctx.run_dir.path} is already complete; not training again")
+            return distributed.on_main(ctx.run_dir.read_result)
+        return Trainer(ctx, console, stop).fit(resume)
 
 
 class Trainer:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .data.loaders import to_float
 from .hooks import FeatureTaps
-from .method import Method, NetOutputs, StepOutputs
+from .method import Method, NetOutputs, StepOutputs, check_terms
 from .tasks import CLASSIFICATION
 
 
@@ -128,8 +128,7 @@ class TrainStep:
                 t_logits = self.teacher_forward(images)
             teacher = NetOutputs(t_logits, self.t_taps.pop() if self.t_taps is not None else {})
         terms = self.method.loss(StepOutputs(student, targets, teacher, images, epoch, step, progress))
-        if not terms:
-            raise RuntimeError(f"method {self.method.name!r} returned no loss terms")
+        check_terms(self.method.name, terms)
         return logits, terms
 
     def __call__(self, images: Tensor, targets: Tensor, epoch: int = 0, step: int = 0,
