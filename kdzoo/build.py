@@ -36,6 +36,7 @@ def validate(cfg: RunConfig) -> Method:
 
     Returns the method, built from its validated settings (its constructor checks their values).
     """
+    cfg.validate()  # every run setting's type and range (kdzoo/config.py)
     method_cls = get_method(cfg.method)
     get_task(cfg.task)
     if cfg.task not in method_cls.tasks:

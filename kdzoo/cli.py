@@ -9,10 +9,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import os
 import sys
 
+import timm
+import torch
+
+from . import __version__, distributed
+from .bench import leaderboard as lb
+from .bench.runner import run_suite
+from .bench.speed import measure, print_report
+from .bench.suite import load_suite
+from .build import resolve_device, validate
+from .checkpoint import strict_json
 from .config import RunConfig
-from .errors import UserError
+from .data import dataset_specs
+from .engine import Interrupted, StopFlag, run, stop_on_signals
+from .errors import UserError, missing
+from .hooks import describe_all_modules, resolve_taps
+from .models import create_model, model_info
+from .registry import aliases_of, get_method, load_plugin, method_names
+from .runs import RunDir
+from .settings import apply_overrides, describe, load_toml, parse_assignments
+from .tasks import get_task
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,6 +40,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _epoch_list(text: str) -> list[int]:
+    """``150,180,210`` → ``[150, 180, 210]``, with an error that says what was expected."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects whole epochs separated by commas, e.g. 150,180,210, got {text!r}") from None
 
 
 def _bool_flag(parser, name: str, help: str, default=None):
@@ -62,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(run, "nesterov", "Nesterov momentum for SGD")
     run.add_argument("--weight-decay", type=float, default=None)
     run.add_argument("--schedule", choices=["cosine", "step"], default=None)
-    run.add_argument("--milestones", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
+    run.add_argument("--milestones", type=_epoch_list, default=None,
                      help="epochs where a step schedule multiplies the lr by --gamma, e.g. 150,180,210")
     run.add_argument("--gamma", type=float, default=None)
     run.add_argument("--warmup-epochs", type=float, default=None)
@@ -77,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-name", default=None, help="name of the run folder (default: derived from the settings)")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a method hyperparameter (repeatable); see `kdzoo list methods`")
-    run.add_argument("--config", default=None, help="TOML file with run settings and a [method] table")
+    run.add_argument("--config", default=None,
+                     help="TOML file with run settings (method = \"kd\", lr = 0.1, ...) and a [method_settings] table")
     run.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
     run.add_argument("--resume", action="store_true", help="continue the run with these settings from its last.pt")
     run.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -119,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     speed.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="override a method hyperparameter (repeatable)")
-    speed.add_argument("--config", default=None, help="TOML file with run settings and a [method] table")
+    speed.add_argument("--config", default=None,
+                       help="TOML file with run settings (method = \"kd\", ...) and a [method_settings] table")
     speed.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
     speed.add_argument("--json", action="store_true", help="print the measurement as JSON on stdout")
     speed.set_defaults(resume=False)
@@ -135,30 +165,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> tuple[RunConfig, bool]:
     """RunConfig defaults, then the --config TOML file, then command-line flags, then --set."""
-    from .settings import apply_overrides, load_toml, parse_assignments
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values: dict = {}
     method_settings: dict = {}
     if args.config:
-        data = load_toml(args.config)
-        method_settings.update(data.pop("method", {}) if isinstance(data.get("method"), dict) else {})
-        values.update({k.replace("-", "_"): v for k, v in data.items()})
+        values, method_settings = read_config_file(args.config)
     for key, value in vars(args).items():
-        if key in fields and value is not None:
+        if key in fields and key != "method_settings" and value is not None:
             values[key] = value
     method_settings.update(parse_assignments(args.sets))
-    values.pop("method_settings", None)
-    cfg = apply_overrides(RunConfig(), values, "run config")
+    # RunConfig.validate (called before any work) checks the values' ranges, naming the flags
+    cfg = apply_overrides(RunConfig(), values, "run config", finite=False)
     return dataclasses.replace(cfg, method_settings=method_settings), bool(args.resume)
+
+
+def read_config_file(path: str) -> tuple[dict, dict]:
+    """(run settings, method settings) of a ``--config`` TOML file, every key checked.
+
+    Top-level keys are ``kdzoo run`` settings (``lr = 0.1``, ``method = "kd"``); the method's
+    settings go in a ``[method_settings]`` table (or, as before, a ``[method]`` table when the
+    method is named on the command line). Nothing is dropped: an unknown key or table is an error
+    naming it and the valid ones, and values are type-checked here (run settings) and against
+    the method's Config before any work (method settings).
+    """
+
+    data = {key.replace("-", "_"): value for key, value in load_toml(path).items()}
+    where = f"config file {path}"
+    method_settings = data.pop("method_settings", {})
+    if not isinstance(method_settings, dict):
+        raise UserError(f"{where}: method_settings must be a table of the method's settings, e.g. "
+                        f"[method_settings] temperature = 4.0, got {method_settings!r}")
+    if isinstance(data.get("method"), dict):  # [method] table: the settings, the method named elsewhere
+        table = data.pop("method")
+        if method_settings:
+            raise UserError(f"{where} has both a [method] and a [method_settings] table; keep one "
+                            "([method_settings], with method = \"NAME\" at the top)")
+        method_settings = table
+    apply_overrides(RunConfig(), data, where, finite=False)  # unknown keys and wrong types, naming the file
+    return data, dict(method_settings)
 
 
 def cmd_run(args) -> int:
     from rich.console import Console
-
-    from . import distributed
-    from .engine import StopFlag, resolve_device, run, stop_on_signals
-    from .registry import load_plugin
 
     for plugin in args.plugin:
         load_plugin(plugin)
@@ -179,7 +228,6 @@ def cmd_run(args) -> int:
     if not main_process:
         return 0
     out = Console()
-    from .tasks import get_task
 
     summary = get_task(result.get("task", "cls")).summary(result)
     out.print(f"[bold green]done[/] {result['run_id']}: {summary}, {result['train_img_per_s']:.0f} img/s")
@@ -189,12 +237,6 @@ def cmd_run(args) -> int:
 
 def _launch_processes(args, cfg: RunConfig) -> int:
     """``kdzoo run --nproc N``: check the settings here (one clean error, not N), then start N workers."""
-    import torch
-
-    from . import distributed
-    from .engine import resolve_device, validate
-    from .runs import RunDir
-
     if args.nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     if distributed.launched_by_torchrun():
@@ -203,7 +245,7 @@ def _launch_processes(args, cfg: RunConfig) -> int:
     if resolve_device(cfg.device).type == "cuda" and args.nproc > torch.cuda.device_count():
         raise UserError(f"--nproc {args.nproc} asks for one GPU per process but {torch.cuda.device_count()} are visible; "
                         "pass at most that many")
-    RunDir.for_run(cfg.output, cfg.run_id(), True)  # the output folder is writable
+    RunDir.for_run(cfg.output, cfg.run_id(), bool(args.resume))  # the output (and a resumed run's) folder is usable
     argv, skip = [], False
     for arg in args.argv:  # the same command line without --nproc
         if skip:
@@ -219,13 +261,10 @@ def cmd_list(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .registry import aliases_of, get_method, load_plugin, method_names
-
     for plugin in args.plugin:
         load_plugin(plugin)
     console = Console()
     if args.what == "methods":
-        from .settings import describe
 
         table = Table(title="kdzoo methods")
         table.add_column("method", no_wrap=True)
@@ -242,7 +281,6 @@ def cmd_list(args) -> int:
                           settings or "-", cls.summary)
         console.print(table)
     elif args.what == "datasets":
-        from .data import dataset_specs
 
         table = Table(title="kdzoo datasets")
         for column in ("dataset", "task", "classes", "size", "default recipe", "description"):
@@ -260,21 +298,30 @@ def cmd_list(args) -> int:
                           spec.description)
         console.print(table)
     else:
-        import timm
-
-        names = timm.list_models(args.pattern or "*")
+        names = timm.list_models(_model_pattern(args.pattern))
+        if not names:
+            raise UserError(f"no timm model matches {args.pattern!r}; try a shorter part of the name, "
+                            "or list them all with `kdzoo list models`")
         console.print("\n".join(names))
         console.print(f"[dim]{len(names)} timm models; pass a pattern to filter, e.g. `kdzoo list models 'resnet*'`[/]")
     return 0
+
+
+def _model_pattern(pattern: str | None) -> str:
+    """A plain word finds every model whose name contains it (``resnet10`` → ``resnet10t``), as
+    users expect of a search; a pattern with wildcards (``'resnet*'``) is taken as it is."""
+    if not pattern:
+        return "*"
+    return pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
 
 
 def cmd_hooks(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .hooks import describe_all_modules, resolve_taps
-    from .models import create_model, model_info
-
+    for flag, value, example in (("--input-size", args.input_size, 32), ("--num-classes", args.num_classes, 10)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}; pass e.g. {flag} {example}")
     model = create_model(args.model, args.num_classes, args.input_size, args.small_input_stem, task=args.task)
     info = model_info(model, args.model, args.num_classes, args.input_size)
     last = "embedding" if args.task == "cls" else "decoder"
@@ -299,12 +346,7 @@ def cmd_hooks(args) -> int:
 
 
 def cmd_speed(args) -> int:
-    import json
-
     from rich.console import Console
-
-    from .bench.speed import measure, print_report
-    from .registry import load_plugin
 
     for plugin in args.plugin:
         load_plugin(plugin)
@@ -316,7 +358,7 @@ def cmd_speed(args) -> int:
     with console.status("building") as status:
         result = measure(cfg, args.steps, args.rounds, args.warmup, progress=status.update)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(strict_json(result))
     else:
         print_report(result, Console())
     return 0
@@ -324,11 +366,6 @@ def cmd_speed(args) -> int:
 
 def cmd_bench(args) -> int:
     from rich.console import Console
-
-    from .bench.runner import run_suite
-    from .bench.suite import load_suite
-    from .engine import StopFlag, stop_on_signals
-    from .registry import load_plugin
 
     for plugin in args.plugin:
         load_plugin(plugin)
@@ -338,16 +375,20 @@ def cmd_bench(args) -> int:
         return run_suite(suite, jobs=args.jobs, dry_run=args.dry_run, console=Console(stderr=True), stop=flag)
 
 
+_SUFFIX = {"--csv": ".csv", "--markdown": ".md", "--plot": ".png"}
+
+
 def cmd_leaderboard(args) -> int:
     from pathlib import Path
 
-    from .bench import leaderboard as lb
-
     if args.plot:
         lb.require_matplotlib()  # before any work: a missing extra is a one-line error
+    for flag, path in (("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path and Path(path).is_dir():
+            raise UserError(f"{flag} {path} is a folder; pass a file path such as {Path(path) / ('leaderboard' + _SUFFIX[flag])}")
     root = Path(args.runs)
     if not root.is_dir():
-        raise UserError(f"runs folder {str(root)!r} does not exist; pass --runs DIR (the --output of kdzoo run or bench)")
+        raise UserError(f"{missing('runs folder', root, 'folder')}; pass --runs DIR (the --output of kdzoo run or bench)")
     entries, notes = lb.collect(root, include_teachers=args.teachers)
     if not entries:
         raise UserError(f"no runs under {str(root)!r}; train some with `kdzoo run` or `kdzoo bench SUITE.toml`, "
@@ -367,10 +408,32 @@ def cmd_leaderboard(args) -> int:
 
 def _name() -> str:
     """How messages are signed: "kdzoo", or "kdzoo[rank N]" from the other processes of a DDP run."""
-    import os
-
     rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
     return "kdzoo" if rank == "0" else f"kdzoo[rank {rank}]"
+
+
+def os_error_message(e: OSError) -> str | None:
+    """One line for a failure of the machine's files that the user can fix (a full disk, a
+    read-only or forbidden folder, a folder where a file belongs); None for any other OSError,
+    which stays a bug with its traceback.
+
+    Every file kdzoo writes is written atomically (kdzoo/checkpoint.py), so a write that
+    fails half-way leaves the previous version whole: the message can say nothing was lost.
+    """
+    where = e.filename if e.filename is not None else "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if e.errno == errno.ENOSPC else "the disk quota is exhausted"
+        return (f"{what} while writing {where}; nothing was lost (files are replaced atomically, the previous "
+                "version is intact); free some space, then run the same command with --resume to continue")
+    if e.errno == errno.EROFS:
+        return f"{where} is on a read-only file system; pass an --output folder on a writable disk"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied for {where}; give this user access to it or pass another path (e.g. --output DIR)"
+    if e.errno == errno.EISDIR:
+        return f"{where} is a folder where a file was expected; pass a file path"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):  # mkdir(exist_ok=True) on a path that is a file
+        return f"{where} cannot be created: a part of its path is a file, not a folder; pass another path"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,24 +442,28 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         args.argv = list(argv if argv is not None else sys.argv[1:])
         if args.version:
-            from . import __version__
 
             print(f"kdzoo {__version__}")
             return 0
-        if args.command is None:
-            parser.print_help()
-            return 0
+        if args.command is None:  # a command is required: say which exist, as for any usage error
+            parser.print_help(sys.stderr)
+            return 2
         handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks, "bench": cmd_bench,
                    "leaderboard": cmd_leaderboard, "speed": cmd_speed}[args.command]
         return handler(args)
     except UserError as e:
         print(f"{_name()}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        message = os_error_message(e)
+        if message is None:
+            raise
+        print(f"{_name()}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{_name()}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from .engine import Interrupted
 
         if isinstance(e, Interrupted):
             print(f"{_name()}: {e}", file=sys.stderr)

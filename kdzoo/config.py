@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .data import get_dataset
+from .errors import UserError
 
 
 @dataclass
@@ -72,6 +74,37 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Refuse every value no run can use, before any work starts (no teacher is trained
+        first, nothing is written), with one line naming the flag, the rule and a fix.
+
+        Fields left ``None`` take the dataset's recipe later and are not checked here. Zero is
+        never read as "the default": ``--max-steps 0`` or ``--train-size 0`` is refused, not
+        replaced. Non-finite floats are refused before any range check, since NaN passes none
+        of them but fails no ``<`` either.
+        """
+        for name, rule, example in _RULES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{flag} must be a number, got {value!r}; pass e.g. {flag} {example}")
+            if not math.isfinite(value):
+                raise UserError(f"{flag} must be a finite number, got {value}; pass e.g. {flag} {example}")
+            if not rule.holds(value):
+                raise UserError(f"{flag} {rule.text}, got {value}; pass e.g. {flag} {example}")
+        for milestone in self.milestones or ():
+            if isinstance(milestone, bool) or not isinstance(milestone, int) or milestone < 1:
+                raise UserError(f"--milestones must be epochs (whole numbers of at least 1), got {milestone!r}; "
+                                "pass e.g. --milestones 150,180,210")
+        if not isinstance(self.output, str) or not self.output.strip():
+            raise UserError(f"--output must name a folder, got {self.output!r}; pass e.g. --output runs")
+        if self.run_name is not None:
+            from .runs import check_folder_name
+
+            check_folder_name(self.run_name)
+
     # settings that do not change the result (where it runs, how it is named, how fast)
     _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download", "compile")
 
@@ -89,6 +122,28 @@ class RunConfig:
         pair = f"{self.teacher}-{self.model}" if self.teacher else self.model
         data = self.dataset if self.task == "cls" else f"{self.dataset}-{self.task}"
         return f"{data}_{self.method}_{pair}_s{self.seed}_{self.run_key()}"
+
+
+@dataclass(frozen=True)
+class _Rule:
+    holds: Any  # value -> bool
+    text: str
+
+
+_AT_LEAST_1 = _Rule(lambda v: v >= 1, "must be at least 1")
+_NOT_NEGATIVE = _Rule(lambda v: v >= 0, "must not be negative")
+_POSITIVE = _Rule(lambda v: v > 0, "must be positive")
+# (field, rule, an example of a good value)
+_RULES = (
+    ("epochs", _AT_LEAST_1, 10), ("batch_size", _AT_LEAST_1, 64),
+    ("input_size", _AT_LEAST_1, 32), ("train_size", _AT_LEAST_1, 1000), ("test_size", _AT_LEAST_1, 1000),
+    ("max_steps", _Rule(lambda v: v >= 1, "must be at least 1 (leave it out for no limit)"), 100),
+    ("teacher_epochs", _AT_LEAST_1, 10), ("workers", _NOT_NEGATIVE, 2),
+    ("lr", _POSITIVE, 0.1), ("momentum", _Rule(lambda v: 0 <= v < 1, "must lie in [0, 1)"), 0.9),
+    ("weight_decay", _NOT_NEGATIVE, "5e-4"), ("gamma", _POSITIVE, 0.1), ("warmup_epochs", _NOT_NEGATIVE, 1),
+    # seeds are multiplied and offset inside kdzoo before they reach torch's 64-bit generators
+    ("seed", _Rule(lambda v: isinstance(v, int) and abs(v) < 2**40, "must be a whole number below 2**40 in size"), 0),
+)
 
 
 RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_settings"]

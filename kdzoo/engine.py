@@ -178,10 +178,11 @@ def run(cfg: RunConfig, resume: bool = False, console=None, stop: StopFlag | Non
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
     ctx = build(cfg, resume, console, stop)
-    if distributed.on_main(ctx.run_dir.is_complete):
-        console.print(f"run {ctx.run_dir.path} is already complete; not training again")
-        return distributed.on_main(ctx.run_dir.read_result)
-    return Trainer(ctx, console, stop).fit(resume)
+    with ctx.run_dir.lock():  # one process at a time in a run folder; a second gets exit 2 (kdzoo/runs.py)
+        if distributed.on_main(ctx.run_dir.is_complete):
+            console.print(f"run {ctx.run_dir.path} is already complete; not training again")
+            return distributed.on_main(ctx.run_dir.read_result)
+        return Trainer(ctx, console, stop).fit(resume)
 
 
 class Trainer:

@@ -1,9 +1,10 @@
 """Advisory file locks between processes (``fcntl.flock``).
 
 Used where two processes could otherwise do the same work at once: two bench cells that need
-the same cached teacher, two suites that reach the same cell. The lock belongs to the open file,
-so it is released when the holder exits, however it exits; the lock file itself stays (it is
-empty and harmless).
+the same cached teacher, two suites that reach the same cell, two processes training in one
+run folder. The lock belongs to the open file, so it is released when the holder exits, however
+it exits; a plain lock file stays (it is empty and harmless), a claim's (:func:`try_claim`)
+names its holder and is removed on release.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,5 +61,51 @@ def file_lock(path: str | Path, on_wait: Callable[[], None] | None = None,
         fd = try_lock(path)
     try:
         yield True
+    finally:
+        unlock(fd)
+
+
+# -- locks whose file names the holder and goes away with it ---------------------------------
+def try_claim(path: str | Path) -> int | None:
+    """Like :func:`try_lock`, for a lock that should say who holds it and leave no file behind.
+
+    The holder's pid, host and start time are written into the file, so a process that is
+    refused can name it (:func:`holder`); :func:`release` deletes the file. Deleting a lock
+    file races with a process that opened it just before: that process would then hold a lock
+    on a file no longer at ``path``. So after locking, the descriptor is checked to still be the
+    file at ``path``, and the claim starts over on the new file if not.
+    """
+    path = Path(path)
+    while True:
+        fd = try_lock(path)
+        if fd is None:
+            return None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+            break
+        unlock(fd)
+    os.ftruncate(fd, 0)
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {since}\n".encode())
+    return fd
+
+
+def holder(path: str | Path) -> str:
+    """Who holds the claim on ``path``, as its holder wrote it (or a neutral phrase)."""
+    try:
+        text = Path(path).read_text(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text.splitlines()[0] if text else "another process (it has not yet written its pid)"
+
+
+def release(fd: int, path: str | Path) -> None:
+    """Give up a claim from :func:`try_claim`: the file is removed first, while still locked."""
+    try:
+        Path(path).unlink(missing_ok=True)
     finally:
         unlock(fd)

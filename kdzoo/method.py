@@ -205,3 +205,32 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def config_fields(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls.Config)]
 
+
+def check_terms(name: str, terms: Any) -> None:
+    """Refuse what a method's ``loss`` returned unless it is a non-empty dict of named scalar
+    float tensors.
+
+    The step sums the terms, backpropagates the sum and logs each term by name; anything else
+    fails later as a confusing error deep in the loop (or, for a per-sample vector, broadcasts
+    into a wrong loss). This runs on every step, so it reads only types and shapes, which does
+    not wait for the device.
+    """
+    def describe(value: Any) -> str:
+        if isinstance(value, Tensor):
+            return f"a tensor of dtype {str(value.dtype).removeprefix('torch.')} and shape {tuple(value.shape)}"
+        text = repr(value)
+        return "None" if value is None else f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
+
+    fix = "return a dict of scalar loss tensors, e.g. {'kd': loss}"
+    if not isinstance(terms, dict):
+        raise UserError(f"method {name!r}: loss() returned {describe(terms)}, not a dict; {fix}")
+    if not terms:
+        raise UserError(f"method {name!r}: loss() returned an empty dict; {fix}")
+    for key, value in terms.items():
+        if not isinstance(key, str):
+            raise UserError(f"method {name!r}: loss() returned a term named {key!r}, not a string; {fix}")
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise UserError(f"method {name!r}: loss term {key!r} is {describe(value)}, not a float tensor; {fix}")
+        if value.dim() != 0:
+            raise UserError(f"method {name!r}: loss term {key!r} is a tensor of shape {tuple(value.shape)}, not a "
+                            "scalar; reduce it (e.g. .mean()) before returning it")

@@ -14,7 +14,7 @@ import pkgutil
 import sys
 from pathlib import Path
 
-from .errors import UserError, close_matches
+from .errors import UserError, close_matches, missing
 from .method import Method
 
 _METHODS: dict[str, type[Method]] = {}
@@ -91,7 +91,7 @@ def load_plugin(spec: str) -> None:
     try:
         if spec.endswith(".py") or path.exists():
             if not path.is_file():
-                raise UserError(f"plugin file {spec!r} does not exist; pass a .py file or an importable module name")
+                raise UserError(f"{missing('plugin file', spec)}; pass a .py file or an importable module name")
             module_name = f"kdzoo_plugin_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
             if module_name in sys.modules:
                 return

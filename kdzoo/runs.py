@@ -11,6 +11,7 @@ rank and exactly one copy of each file is written.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .checkpoint import (
     TEMP_SUFFIX,
     atomic_write_json,
@@ -29,6 +31,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .errors import UserError
+from .locks import holder, release, try_claim
 
 
 def versions() -> dict[str, str]:
@@ -80,7 +83,12 @@ class RunDir:
     # -- locating ------------------------------------------------------------------------
     @classmethod
     def for_run(cls, output: str | Path, run_id: str, resume: bool) -> RunDir:
-        """The folder for ``run_id``: reused with ``resume``, else a fresh one (never overwritten)."""
+        """The folder for ``run_id``: reused with ``resume``, else a fresh one (never overwritten).
+
+        A reused folder must be a kdzoo run (:meth:`check_resumable`): ``--resume`` into a folder
+        of the user's own files would otherwise overwrite them.
+        """
+        check_folder_name(run_id)
         output = Path(output)
         try:
             output.mkdir(parents=True, exist_ok=True)
@@ -91,11 +99,74 @@ class RunDir:
         candidates = [output / run_id] + [output / f"{run_id}-{i}" for i in range(2, 1000)]
         if resume:
             existing = [c for c in candidates if c.exists()]
-            return cls(existing[-1] if existing else candidates[0])
+            run_dir = cls(existing[-1] if existing else candidates[0])
+            run_dir.check_resumable()
+            return run_dir
         for candidate in candidates:
             if not candidate.exists():
                 return cls(candidate)
         raise UserError(f"too many runs named {run_id!r} in {output}; pass --run-name")
+
+    def check_resumable(self) -> None:
+        """Refuse to resume into anything but a kdzoo run folder (or an empty one), or a folder
+        that cannot be written: checked before any work, so a refusal changes nothing."""
+        path = self.path
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise UserError(f"{path} exists and is not a folder, so it cannot be a run to resume; "
+                            "pass another --run-name or --output")
+        if not self.is_kdzoo_run():
+            foreign = sorted(p.name for p in path.iterdir() if not _is_temporary(p))
+            if foreign:
+                listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+                why = "its config.json was not written by kdzoo" if "config.json" in foreign else "no kdzoo config.json"
+                raise UserError(f"{path} is not a kdzoo run folder (it holds {listed}; {why}), so --resume will not "
+                                "write into it; pass another --run-name or --output")
+        if not _writable(path):
+            raise UserError(f"run folder {path} is not writable; make it writable or pass another --output")
+
+    def is_kdzoo_run(self) -> bool:
+        """Whether the folder's ``config.json`` is the record kdzoo writes first in every run."""
+        try:
+            record = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and isinstance(record.get("run"), dict) and "recipe_hash" in record
+
+    # -- one process at a time -----------------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        """Next to the folder, not in it: the folder then holds only the run's own files."""
+        return self.path.parent / f".{self.path.name}.lock"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run folder for this process while it trains in it.
+
+        Two processes in one folder (the same ``--resume`` started twice) would interleave their
+        checkpoints and metrics; the second is refused with exit 2, naming the holder written in
+        the lock file. The lock is taken on the writer (rank 0 under DDP) and the refusal reaches
+        every rank; it is released, and its file removed, when the block ends, and by the
+        operating system if the process dies.
+        """
+        fd = None
+
+        def claim() -> None:
+            nonlocal fd
+            if self.writer:
+                fd = try_claim(self.lock_path)
+                if fd is None:
+                    raise UserError(f"run folder {self.path} is in use by another kdzoo process "
+                                    f"({holder(self.lock_path)}); wait for it to finish or stop it, then run "
+                                    "the same command with --resume")
+
+        distributed.on_main(claim)
+        try:
+            yield self
+        finally:
+            if fd is not None:
+                release(fd, self.lock_path)
 
     def create(self) -> None:
         """Make the folder; remove temporary files a killed process left half-written in it."""
@@ -171,6 +242,20 @@ def _writable(folder: Path) -> bool:
     os.close(fd)
     os.unlink(probe)
     return True
+
+
+def _is_temporary(path: Path) -> bool:
+    """A half-written file a killed kdzoo process left (``.<name>.<random>.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
+
+def check_folder_name(name: str) -> None:
+    """A run's name must be one folder inside ``--output``: a name with a separator, ``..`` or an
+    absolute path would put the run (and its overwrites) somewhere else."""
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or len(name.encode()) > 200):
+        raise UserError(f"--run-name must be one plain folder name inside --output (no '/', not '.' or '..', not empty, "
+                        f"at most 200 bytes), got {name!r}; pass a name such as my-run")
 
 
 def _fmt(value: Any) -> Any:

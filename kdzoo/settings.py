@@ -9,13 +9,14 @@ instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, close_matches
+from .errors import UserError, close_matches, missing
 
 
 def parse_assignments(pairs: list[str] | None) -> dict[str, str]:
@@ -32,7 +33,7 @@ def parse_assignments(pairs: list[str] | None) -> dict[str, str]:
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {str(path)!r} does not exist; pass an existing TOML file to --config")
+        raise UserError(f"{missing('config file', path)}; pass an existing TOML file to --config")
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
@@ -98,8 +99,14 @@ def _coerce(value: Any, annotation: Any, key: str, owner: str) -> Any:
     return value
 
 
-def apply_overrides(config: Any, overrides: dict[str, Any], owner: str) -> Any:
-    """A copy of dataclass ``config`` with ``overrides`` applied, each checked and typed."""
+def apply_overrides(config: Any, overrides: dict[str, Any], owner: str, finite: bool = True) -> Any:
+    """A copy of dataclass ``config`` with ``overrides`` applied, each checked and typed.
+
+    With ``finite`` (the default) a float that is NaN or infinite is refused too: no
+    hyperparameter means anything at ``inf``, and a NaN weight only shows up as a NaN loss
+    many steps later. ``RunConfig`` passes False: its ``validate`` checks ranges as well and
+    names the command-line flags.
+    """
     hints = typing.get_type_hints(type(config))
     names = [f.name for f in dataclasses.fields(config)]
     changes = {}
@@ -110,7 +117,16 @@ def apply_overrides(config: Any, overrides: dict[str, Any], owner: str) -> Any:
                 f"{owner} has no setting {key!r}.{close_matches(key, names)} Valid settings: {valid}"
             )
         changes[key] = _coerce(value, hints[key], key, owner)
+        if finite:
+            _require_finite(changes[key], key, owner)
     return dataclasses.replace(config, **changes)
+
+
+def _require_finite(value: Any, key: str, owner: str) -> None:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise UserError(f"{owner}: {key} must be a finite number, got {item}; give it a finite value")
 
 
 def describe(config_cls: type) -> list[tuple[str, str, Any]]:

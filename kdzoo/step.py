@@ -27,7 +27,7 @@ from . import distributed
 from .data.loaders import to_float
 from .hooks import FeatureTaps
 from .inputs import Inputs
-from .method import Batch, Method, NetOutputs, StepOutputs
+from .method import Batch, Method, NetOutputs, StepOutputs, check_terms
 
 
 def prepare_networks(student: nn.Module | None, teacher: nn.Module | None, method: Method | None,
@@ -116,8 +116,7 @@ class TrainStep:
                 t_logits = self.teacher_forward(teacher_images)
             teacher = NetOutputs(t_logits, parts.t_taps.pop() if parts.t_taps is not None else {})
         terms = parts.method.loss(StepOutputs(student, targets, teacher, images, epoch, step, progress, index))
-        if not terms:
-            raise RuntimeError(f"method {parts.method.name!r} returned no loss terms")
+        check_terms(parts.method.name, terms)
         return logits, terms
 
     def __call__(self, images: Tensor, targets: Tensor, index: Tensor, epoch: int = 0, step: int = 0,

@@ -32,6 +32,7 @@ def root(tmp_path_factory):
         shutil.copy(done / name, partial / name)
     truncated = root / "runs" / "truncated"
     truncated.mkdir()
+    shutil.copy(done / "config.json", truncated / "config.json")  # a kdzoo run (--resume refuses other folders)
     data = (done / "last.pt").read_bytes()
     (truncated / "last.pt").write_bytes(data[: len(data) // 3])
     files = root / "files"

@@ -99,7 +99,6 @@ def worker_main(argv: list[str]) -> int:
     """Subprocess entry: ``python -m kdzoo.bench.runner '{"cell": {...}, ...}'``."""
     from rich.console import Console
 
-
     payload = json.loads(argv[0])
     threads = payload.get("threads")
     if threads:
@@ -151,7 +150,6 @@ def _order(cells: list[Cell]) -> list[Cell]:
 def run_suite(suite: Suite, jobs: int = 1, dry_run: bool = False, console=None, stop=None) -> int:
     """Run the suite; returns the exit code (0 all complete, 3 some cells failed, 130/143 stopped)."""
     from rich.console import Console
-
 
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
@@ -277,7 +275,6 @@ class Scheduler:
         self.running[slot] = (process, cell, fd, attempt)
 
     def _reap(self) -> None:
-
         for slot, (process, cell, fd, attempt) in list(self.running.items()):
             code = process.poll()
             if code is None:
@@ -356,7 +353,6 @@ def _print_plan(cells: list[Cell], suite: Suite, console) -> None:
 
 
 def _print_leaderboard(suite: Suite, cells: list[Cell]) -> None:
-
     folders = {c.run_dir().path.name for c in cells}
     entries, _ = lb.collect(suite.output)
     entries = [e for e in entries if Path(e.folder).name in folders and len(Path(e.folder).parts) == 1]

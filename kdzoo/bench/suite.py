@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
-from ..errors import UserError, close_matches
+from ..errors import UserError, close_matches, missing
+from ..registry import get_method, load_plugin
 from ..settings import apply_overrides, load_toml
 
 AXES = {"methods": "method", "models": "model", "teachers": "teacher", "datasets": "dataset", "seeds": "seed"}
@@ -72,14 +73,13 @@ def load_suite(path: str | Path, output: str | None = None) -> Suite:
     """Read and expand a suite file (every mistake in it is a one-line UserError)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"suite file {str(path)!r} does not exist; pass a TOML suite such as benchmarks/quick.toml")
+        raise UserError(f"{missing('suite file', path)}; pass a TOML suite such as benchmarks/quick.toml")
     data = load_toml(path)
     where = f"suite {path.name}"
     _check_keys(data, TOP_LEVEL, where)
     name = _string(data.get("name", path.stem), "name", where)
     plugins = _string_list(data.get("plugins", []), "plugins", where)
     if plugins:
-        from ..registry import load_plugin
 
         for plugin in plugins:
             load_plugin(plugin)
@@ -128,6 +128,10 @@ def expand(data: dict[str, Any], where: str = "suite") -> list[RunConfig]:
                 if not cls.needs_teacher:  # as the engine does: a teacherless method runs without one
                     cfg = dataclasses.replace(cfg, teacher_checkpoint=None, teacher_pretrained=False)
                 cfg = dataclasses.replace(cfg, method_settings=settings)
+                try:  # a value no run can use (lr = -1, max_steps = 0) fails the suite now, not each cell later
+                    cfg.validate()
+                except UserError as e:
+                    raise UserError(f"{gwhere}: {e}") from None
                 cells.setdefault(cell_id(cfg), cfg)
     for method in suite_sets:
         if method not in used_methods:
@@ -139,7 +143,7 @@ def expand(data: dict[str, Any], where: str = "suite") -> list[RunConfig]:
 def _check_keys(table: dict[str, Any], valid, where: str) -> None:
     for key in table:
         if key in _RESERVED and key not in valid:
-            raise UserError(f"{where}: {key!r} cannot be set here ({_RESERVED[key]})")
+            raise UserError(f"{where}: {key!r} cannot be set here ({_RESERVED[key]}); valid keys: {', '.join(valid)}")
         if key not in valid:
             raise UserError(f"{where} has no key {key!r}.{close_matches(key, valid)} Valid keys: {', '.join(valid)}")
 
@@ -173,8 +177,6 @@ def _axis(value: Any, axis: str, where: str) -> list:
 
 
 def _method_class(name: str, where: str):
-    from ..registry import get_method
-
     try:
         return get_method(name)
     except UserError as e:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, missing
 from . import shapes as shapes_module
 from .catalog import (
     IMAGENET_MEAN,
@@ -23,7 +23,7 @@ from .loaders import CropFlip, InMemoryLoader, TorchLoader
 
 
 def _subset(images, targets, size):
-    return (images[:size], targets[:size]) if size else (images, targets)
+    return (images, targets) if size is None else (images[:size], targets[:size])
 
 
 # -- shapes --------------------------------------------------------------------------------
@@ -35,8 +35,10 @@ SHAPES_TRAIN, SHAPES_TEST = 10_000, 1000
 
 
 def _build_shapes(req: DataRequest) -> DataBundle:
-    size = req.input_size or 16
-    n_train, n_test = req.train_size or SHAPES_TRAIN, req.test_size or SHAPES_TEST
+    # None is "the default"; 0 is refused by RunConfig.validate, never read as the default
+    size = 16 if req.input_size is None else req.input_size
+    n_train = SHAPES_TRAIN if req.train_size is None else req.train_size
+    n_test = SHAPES_TEST if req.test_size is None else req.test_size
     # the data are fixed by their own seeds, not the run's seed: every run sees the same data
     x_train, y_train, _ = shapes_module.generate(n_train, size, seed=1)
     x_test, y_test, _ = shapes_module.generate(n_test, size, seed=2)
@@ -137,18 +139,18 @@ def _build_imagefolder(req: DataRequest) -> DataBundle:
 
     root = _require_root(req, "imagefolder", "DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg")
     if not root.is_dir():
-        raise UserError(f"data root {str(root)!r} does not exist; expected DIR/train/<class>/ and DIR/val/<class>/")
+        raise UserError(f"{missing('data root', root, 'folder')}; expected DIR/train/<class>/ and DIR/val/<class>/")
     train_dir, test_dir = _check_split(root, ("train",)), _check_split(root, ("val", "test"))
-    size = req.input_size or 224
+    size = 224 if req.input_size is None else req.input_size
     train = torchvision.datasets.ImageFolder(str(train_dir), T.Compose([T.RandomResizedCrop(size), T.ToTensor()]))
     test = torchvision.datasets.ImageFolder(
         str(test_dir), T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor()])
     )
     if train.classes != test.classes:
         raise UserError(f"{train_dir} and {test_dir} hold different class folders; both need the same classes")
-    if req.train_size:
+    if req.train_size is not None:
         train = torch.utils.data.Subset(train, range(min(req.train_size, len(train))))
-    if req.test_size:
+    if req.test_size is not None:
         test = torch.utils.data.Subset(test, range(min(req.test_size, len(test))))
     classes = tuple(train.dataset.classes if isinstance(train, torch.utils.data.Subset) else train.classes)
     return DataBundle(

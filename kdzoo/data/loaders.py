@@ -10,9 +10,12 @@ from the raw images.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..errors import UserError
 
 
 def rank_part(batch: Tensor, rank: int, world: int) -> Tensor:
@@ -123,12 +126,70 @@ class TorchLoader(Loader):
 
     def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         loader = torch.utils.data.DataLoader(
-            _WithIndex(self.dataset), batch_sampler=[p.tolist() for p in self.parts(skip)], num_workers=self.workers,
+            _WithIndex(ReadChecked(self.dataset)), batch_sampler=[p.tolist() for p in self.parts(skip)],
+            num_workers=self.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
         for images, targets, index in loader:
             yield (images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
                    index.to(self.device, non_blocking=True))
+
+
+class UnreadableImage(UserError):
+    """An image file of a folder dataset that cannot be decoded (truncated, or not an image).
+
+    Raised in a DataLoader worker, it reaches the main process re-made by torch from the
+    worker's formatted traceback (same type, the whole traceback as the message); the
+    constructor then keeps only the traceback's last line, our message, so the CLI still
+    prints one line.
+    """
+
+    def __init__(self, message: str):
+        lines = str(message).strip().splitlines()
+        if len(lines) > 1:
+            message = lines[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+class ReadChecked(torch.utils.data.Dataset):
+    """``dataset`` whose failure to decode an image names the file and how to get past it.
+
+    A bad file is found only when its batch is read (decoding a whole ImageNet up front would
+    take longer than an epoch), so the message says to remove the file and continue.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError is an OSError
+            path = sample_path(self.dataset, index)
+            if path is None:
+                raise
+            if type(e).__name__ == "UnidentifiedImageError":  # its text repeats the path
+                detail = "no image format recognised"
+            else:
+                detail = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+            raise UnreadableImage(
+                f"cannot read image {path} ({detail}); it is damaged or not an image: remove it "
+                f"from the dataset folder (rm '{path}') or replace it, then run the same command with --resume"
+            ) from None
+
+
+def sample_path(dataset, index: int) -> str | None:
+    """The file behind item ``index`` of an image-folder dataset (through ``Subset``s), if known."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "images", None)
+    if samples is None or not 0 <= index < len(samples):
+        return None
+    item = samples[index]
+    return str(item[0] if isinstance(item, tuple) else Path(item))
 
 
 def to_float(images: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from ..errors import UserError, missing
 from ..metrics import IGNORE_INDEX
 from . import shapes as shapes_module
 from .catalog import (
@@ -90,8 +90,9 @@ SHAPES_SEG_CLASSES = ("background", *shapes_module.CLASSES)
 
 
 def _build_shapes_seg(req: DataRequest) -> DataBundle:
-    size = req.input_size or SHAPES_SEG_SIZE
-    n_train, n_test = req.train_size or SHAPES_SEG_TRAIN, req.test_size or SHAPES_SEG_TEST
+    size = SHAPES_SEG_SIZE if req.input_size is None else req.input_size
+    n_train = SHAPES_SEG_TRAIN if req.train_size is None else req.train_size
+    n_test = SHAPES_SEG_TEST if req.test_size is None else req.test_size
     x_train, _, m_train = shapes_module.generate(n_train, size, seed=1)  # the cls data's seeds: the same images
     x_test, _, m_test = shapes_module.generate(n_test, size, seed=2)
     return _bundle(
@@ -123,12 +124,12 @@ def _root(req: DataRequest, name: str, layout: str) -> Path:
         raise UserError(f"dataset {name!r} needs --data-root DIR (expected {layout}); it cannot be downloaded by kdzoo")
     root = Path(req.root).expanduser()
     if not root.is_dir():
-        raise UserError(f"data root {str(root)!r} does not exist; expected {layout}")
+        raise UserError(f"{missing('data root', root, 'folder')}; expected {layout}")
     return root
 
 
 def _subset(dataset, size: int | None):
-    return torch.utils.data.Subset(dataset, range(min(size, len(dataset)))) if size else dataset
+    return torch.utils.data.Subset(dataset, range(min(size, len(dataset)))) if size is not None else dataset
 
 
 def _folder_bundle(train, test, req: DataRequest, num_classes: int, crop: int, joint: JointAugment, names) -> DataBundle:
@@ -159,7 +160,7 @@ def _build_voc(req: DataRequest) -> DataBundle:
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise UserError(f"Pascal VOC 2012 not found under {str(root)!r} ({str(e).splitlines()[0][:80]}); "
                         f"expected {layout}") from None
-    crop = req.input_size or 512
+    crop = 512 if req.input_size is None else req.input_size
     return _folder_bundle(train, test, req, len(VOC_CLASSES), crop, JointAugment(crop, scale=(0.5, 2.0)), VOC_CLASSES)
 
 
@@ -199,7 +200,7 @@ def _build_cityscapes(req: DataRequest) -> DataBundle:
         test = torchvision.datasets.Cityscapes(str(root), split="val", mode="fine", target_type="semantic", transforms=canvas)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         raise UserError(f"Cityscapes not found under {str(root)!r} ({str(e).splitlines()[0][:80]}); expected {layout}") from None
-    crop = req.input_size or 512
+    crop = 512 if req.input_size is None else req.input_size
     return _folder_bundle(train, test, req, len(names), crop, JointAugment(crop, scale=(0.5, 2.0)), names)
 
 
