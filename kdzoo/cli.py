@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 bad input (one line on stderr naming the problem and the fix, no
 traceback); 1 an unexpected failure (a bug: the traceback is printed); 130/143 stopped by
-SIGINT/SIGTERM after saving a checkpoint.
+SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues exactly there); 131 stopped at
+once by a second signal, with nothing saved since the last checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from .registry import aliases_of, get_method, load_plugin, method_names
 from .runs import RunDir
 from .settings import apply_overrides, describe, load_toml, parse_assignments
 from .tasks import get_task
+
+EXIT_STOPPED_UNSAVED = 131  # not 130: a script can tell "checkpoint saved" from "nothing saved"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", metavar="SUITE.toml", help="the suite file, e.g. benchmarks/quick.toml")
     bench.add_argument("--output", default=None, help="folder for the suite's runs (default: the suite's, or runs/bench/<name>)")
     bench.add_argument("--jobs", type=int, default=1, help="cells at once, each in a subprocess (default 1: in this process)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="intra-op threads of every cell, whatever --jobs (default: all cores); recorded in each run")
     bench.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     bench.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
 
@@ -222,7 +227,7 @@ def cmd_run(args) -> int:
     main_process = distributed.is_main()
     try:
         with stop_on_signals(StopFlag()) as flag:
-            result = run(cfg, resume=resume, console=console, stop=flag)
+            result = run(cfg, resume=resume, console=console, stop=flag, search_stopped=resume)
     finally:
         distributed.shutdown()
     if not main_process:
@@ -372,7 +377,7 @@ def cmd_bench(args) -> int:
     suite = load_suite(args.suite, output=args.output)
     suite.plugins = [*args.plugin, *suite.plugins]
     with stop_on_signals(StopFlag()) as flag:
-        return run_suite(suite, jobs=args.jobs, dry_run=args.dry_run, console=Console(stderr=True), stop=flag)
+        return run_suite(suite, jobs=args.jobs, threads=args.threads, dry_run=args.dry_run, console=Console(stderr=True), stop=flag)
 
 
 _SUFFIX = {"--csv": ".csv", "--markdown": ".md", "--plot": ".png"}
@@ -461,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_name()}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{_name()}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{_name()}: stopped at once by a second signal: nothing was saved since the last checkpoint; "
+              "--resume continues from that one", file=sys.stderr)
+        return EXIT_STOPPED_UNSAVED
     except Exception as e:
 
         if isinstance(e, Interrupted):

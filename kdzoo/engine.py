@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import resource
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ from .optim import build_optimizer, build_scheduler, split_method_groups
 from .runs import RunDir, command_line, git_commit, machine, versions
 from .step import StepParts, TrainStep, prepare_networks
 from .tasks import get_task, metric_columns
-from .teacher import obtain_teacher
+from .teacher import near_chance, obtain_teacher
 
 CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
 
@@ -110,7 +112,7 @@ class Context:
     extras: dict = field(default_factory=dict)
 
 
-def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -> Context:
+def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None, search_stopped: bool = False) -> Context:
     """The run's method, data, networks and folder, from its settings (checked first)."""
     method = validate(cfg)
     method_cls, method_config = type(method), method.config
@@ -122,6 +124,8 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
     # rank 0 picks the folder (a fresh name is the first free one: ranks must not race for it)
     run_dir = RunDir(distributed.on_main(lambda: RunDir.for_run(cfg.output, cfg.run_id(), resume).path),
                      writer=distributed.is_main())
+    if resume:
+        distributed.on_main(lambda: check_resumed_settings(cfg, method_config, run_dir, search_stopped))
 
     data = load_data(cfg, device)
 
@@ -151,6 +155,66 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None) -
                    {"student_info": s_info, "teacher_info": t_info})
 
 
+# what may differ between a run and its --resume: where it runs and how it is named, not what it computes
+RESUME_MAY_CHANGE = frozenset(RunConfig._NON_RESULT) | {"method_settings"}  # method settings: compared resolved
+
+
+def check_resumed_settings(cfg: RunConfig, method_config, run_dir: RunDir, search_stopped: bool = False) -> None:
+    """``--resume`` continues exactly the recorded run: refuse settings that differ from its record.
+
+    Continuing with another lr (say) would train on with a mix of both and file the result under
+    the new settings. When this command names no existing run (its settings give another run id),
+    a stopped run of the same method, networks, data and seed is searched for, so the message can
+    say which settings made the difference instead of silently starting afresh.
+    """
+    given = {"run": cfg.to_dict(), "method_config": dataclasses.asdict(method_config)}
+    if run_dir.path.is_dir():
+        recorded = _read_record(run_dir.path)
+        if recorded is not None:
+            differences = _differences(recorded, given)
+            if differences:
+                raise UserError(f"--resume continues {run_dir.path.name} exactly as recorded, but "
+                                f"{'; '.join(differences)}; drop those flags (or start a new run without --resume)")
+        return
+    if not search_stopped or cfg.run_name:
+        return
+    prefix = cfg.run_id().rsplit("_", 1)[0] + "_"
+    output = Path(cfg.output)
+    stopped = sorted(p for p in output.glob(f"{prefix}*") if p.is_dir() and not (p / "result.json").exists()
+                     and _read_record(p) is not None) if output.is_dir() else []
+    for path in stopped:
+        differences = _differences(_read_record(path), given)
+        if differences:
+            raise UserError(f"--resume found no run with these settings; the stopped run {path.name} differs: "
+                            f"{'; '.join(differences)}; resume it with its own settings (or drop --resume for a new run)")
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("run"), dict) else None
+
+
+def _differences(recorded: dict, given: dict) -> list[str]:
+    """Each setting that changes a result and differs, as 'key: recorded X, given Y'."""
+    out = []
+    for section, label in (("run", ""), ("method_config", "method setting ")):
+        old, new = recorded.get(section) or {}, given[section]
+        for key in sorted(set(old) | set(new)):
+            if section == "run" and key in RESUME_MAY_CHANGE:
+                continue
+            if _plain(old.get(key)) != _plain(new.get(key)):
+                out.append(f"{label}{key}: recorded {old.get(key)!r}, given {new.get(key)!r}")
+    return out
+
+
+def _plain(value):
+    """A value as config.json holds it (tuples are lists there)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -171,13 +235,18 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def run(cfg: RunConfig, resume: bool = False, console=None, stop: StopFlag | None = None) -> dict[str, Any]:
-    """Train one run to completion (or resume it) and return its ``result.json`` content."""
+def run(cfg: RunConfig, resume: bool = False, console=None, stop: StopFlag | None = None,
+        search_stopped: bool = False) -> dict[str, Any]:
+    """Train one run to completion (or resume it) and return its ``result.json`` content.
+
+    ``search_stopped``: a user's ``--resume`` whose settings name no existing run is refused when
+    a stopped run of the same method, networks, data and seed exists (see check_resumed_settings).
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
-    ctx = build(cfg, resume, console, stop)
+    ctx = build(cfg, resume, console, stop, search_stopped)
     with ctx.run_dir.lock():  # one process at a time in a run folder; a second gets exit 2 (kdzoo/runs.py)
         if distributed.on_main(ctx.run_dir.is_complete):
             console.print(f"run {ctx.run_dir.path} is already complete; not training again")
@@ -472,6 +541,8 @@ class Trainer:
             **self.task.result_fields(last, self.ctx.data.class_names),
             f"best_{self.task.score}": self.best_score, "best_epoch": self.best_epoch,
             f"teacher_{self.task.score}": self.ctx.teacher_score,
+            "teacher_near_chance": (near_chance(self.task.name, self.ctx.teacher_score, self.ctx.data.num_classes)
+                                    if self.cfg.teacher else None),
             "final_train_loss": last["train_loss"],
             "params_m": params / 1e6, "extra_params_m": self.method.extra_parameter_count() / 1e6,
             "train_img_per_s": self.images_seen / max(self.train_seconds, 1e-9),

@@ -64,7 +64,19 @@ def obtain_teacher(cfg: RunConfig, data, device: torch.device, console, train: T
     if score is None:
         score = task.evaluate(teacher, data, Inputs(data.mean, data.std, device, cfg.amp))[task.score]
     console.print(f"teacher {cfg.teacher}: {source}; test {task.label} {score:.2f}%")
+    if near_chance(task.name, score, data.num_classes):
+        console.print(f"[yellow]warning:[/] the teacher's top-1 {score:.2f}% is within {CHANCE_MARGIN:g} points of "
+                      f"chance ({100 / data.num_classes:.2f}% for {data.num_classes} classes): it has little to teach; "
+                      "train it longer (--teacher-epochs) or pass --teacher-checkpoint FILE")
     return teacher, score, source
+
+
+CHANCE_MARGIN = 5.0  # points of top-1 above chance under which a teacher is reported as near chance
+
+
+def near_chance(task: str, score: float | None, num_classes: int) -> bool:
+    """A classification teacher that scores within a few points of guessing (recorded in result.json)."""
+    return task == "cls" and score is not None and score < 100 / num_classes + CHANCE_MARGIN
 
 
 def _cached_teacher(cfg: RunConfig, data, console, train: Train, stop=None) -> tuple[nn.Module, float, str]:

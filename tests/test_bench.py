@@ -138,6 +138,27 @@ def test_parallel_jobs_share_one_cached_teacher(tmp_path, capsys):
     assert all(read_status(p)["state"] == "complete" for p in (out / "bench-status").glob("*.json"))
 
 
+def test_a_cells_figures_do_not_depend_on_jobs(tmp_path, capsys):
+    """The same 4-cell suite with --jobs 1 (in this process) and --jobs 2 (subprocesses): every
+    metric equal, because every cell computes with --threads 2 either way (recorded in the run)."""
+    grid = "[[grid]]\nmethods = [\"baseline\", \"kd\"]\nteachers = [\"test_resnet\"]\nseeds = [0, 1]\n"
+    suite = _write(tmp_path, DEFAULTS.replace("train_size = 64", "train_size = 96") + grid)
+    for jobs in ("1", "2"):
+        assert main(["bench", str(suite), "--output", str(tmp_path / f"jobs{jobs}"), "--jobs", jobs, "--threads", "2"]) == 0
+
+    def figures(out):
+        rows = {}
+        for run in sorted(p for p in out.iterdir() if (p / "result.json").is_file()):
+            result = json.loads((run / "result.json").read_text())
+            assert json.loads((run / "config.json").read_text())["machine"]["threads"] == 2
+            rows[run.name] = ((run / "metrics.csv").read_text().splitlines()[1].split(",")[:-1],  # all but img/s
+                              [result[k] for k in ("top1", "top5", "test_loss", "final_train_loss", "teacher_top1")])
+        return rows
+
+    one, two = figures(tmp_path / "jobs1"), figures(tmp_path / "jobs2")
+    assert len(one) == 4 and one == two
+
+
 def test_bad_bench_input_exits_2_with_one_line(tmp_path, capsys):
     suite = _write(tmp_path, DEFAULTS + "[[grid]]\nmethods = [\"baseline\"]\n")
     for args, needle in ((["bench", str(tmp_path / "nope.toml")], "does not exist"),

@@ -86,7 +86,7 @@ def test_stop_then_resume_matches_uninterrupted(tmp_path, quiet_console):
 
 
 def test_sigterm_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
-    args = [sys.executable, "-m", "kdzoo", *tiny_args(tmp_path, "--epochs", "50", "--run-name", "sig")]
+    args = [sys.executable, "-m", "kdzoo", *tiny_args(tmp_path, "--epochs", "12", "--run-name", "sig")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "runs" / "sig" / "last.pt"
     deadline = time.time() + 120
@@ -99,11 +99,35 @@ def test_sigterm_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
     state = read_checkpoint(last)
     assert state["format"] == "kdzoo-checkpoint-v1"
     assert not (tmp_path / "runs" / "sig" / "result.json").exists()
-    # resume with the same settings finishes the run (capped so the test stays short)
-    code = main([*tiny_args(tmp_path, "--epochs", "50", "--run-name", "sig", "--resume", "--max-steps",
-                            str(state["global_step"] + 3))])
-    assert code == 0
-    assert json.loads((tmp_path / "runs" / "sig" / "result.json").read_text())["steps"] == state["global_step"] + 3
+    # resume with the same settings finishes the run
+    assert main([*tiny_args(tmp_path, "--epochs", "12", "--run-name", "sig", "--resume")]) == 0
+    assert json.loads((tmp_path / "runs" / "sig" / "result.json").read_text())["steps"] == 12 * 6
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_other_settings_is_refused_naming_each_difference(tmp_path, capsys):
+    StopAfterFive.flag = StopFlag()
+    cfg = tiny_config(tmp_path, method="test_stop_after_5")
+    with pytest.raises(Interrupted):
+        run(cfg, console=None, stop=StopAfterFive.flag)
+    StopAfterFive.flag = None
+    runs = tmp_path / "runs"
+    before = _files(runs)
+    base = tiny_args(tmp_path, "--method", "test_stop_after_5")
+    # the same run named explicitly, and found from its settings alone
+    named = next(runs.iterdir()).name
+    for extra in (["--run-name", named, "--lr", "0.2", "--max-steps", "7"], ["--lr", "0.2"]):
+        assert main([*base, *extra, "--resume"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert "lr: recorded 0.1, given 0.2" in err
+        assert ("max_steps: recorded None, given 7" in err) == ("--max-steps" in extra)
+        assert _files(runs) == before  # nothing written, nothing changed
+    # where it runs may change: the same settings on another --workers resume it
+    assert main([*base, "--resume", "--workers", "0"]) == 0
 
 
 def test_kd_trains_and_caches_its_teacher(tmp_path, capsys):

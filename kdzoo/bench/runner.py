@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..build import validate
 from ..config import RunConfig
 from ..engine import Interrupted, StopFlag, run, stop_on_signals
@@ -102,8 +104,6 @@ def worker_main(argv: list[str]) -> int:
     payload = json.loads(argv[0])
     threads = payload.get("threads")
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
     for plugin in payload.get("plugins", []):
         load_plugin(plugin)
@@ -147,17 +147,25 @@ def _order(cells: list[Cell]) -> list[Cell]:
     return first + teacherless + rest
 
 
-def run_suite(suite: Suite, jobs: int = 1, dry_run: bool = False, console=None, stop=None) -> int:
-    """Run the suite; returns the exit code (0 all complete, 3 some cells failed, 130/143 stopped)."""
+def run_suite(suite: Suite, jobs: int = 1, dry_run: bool = False, console=None, stop=None,
+              threads: int | None = None) -> int:
+    """Run the suite; returns the exit code (0 all complete, 3 some cells failed, 130/143 stopped).
+
+    Every cell computes with ``threads`` intra-op threads (default: the machine's cores), however
+    many run at once: the thread count changes float summation order and so the digits, and a
+    cell's result must not depend on ``jobs``.
+    """
     from rich.console import Console
 
     console = console or Console(stderr=True)
     stop = stop if stop is not None else StopFlag()
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
+    threads = _cores() if threads is None else threads
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
     cells = plan(suite)
     if dry_run:
-
         _print_plan(cells, suite, wide_console())
         return 0
     try:
@@ -167,7 +175,11 @@ def run_suite(suite: Suite, jobs: int = 1, dry_run: bool = False, console=None, 
     done = sum(c.run_dir().is_complete() for c in cells)
     console.print(f"[bold]suite {suite.name}[/]: {len(cells)} cells, {done} already complete; output {suite.output}"
                   + (f"; {jobs} parallel jobs" if jobs > 1 else ""))
-    Scheduler(suite, jobs, console, stop).run(cells)
+    if jobs * threads > _cores():
+        console.print(f"[yellow]note:[/] {jobs} cells × {threads} threads share {_cores()} cores; each cell keeps "
+                      f"{threads} threads so its figures do not depend on --jobs (pass --threads 1 to trade "
+                      "figures comparable with single-job runs for speed)")
+    Scheduler(suite, jobs, threads, console, stop).run(cells)
     _print_leaderboard(suite, cells)
     failed = [c for c in cells if c.state == "failed"]
     if stop:
@@ -183,13 +195,12 @@ def run_suite(suite: Suite, jobs: int = 1, dry_run: bool = False, console=None, 
 class Scheduler:
     """Start cells as slots free up, one lock per cell; in this process when ``jobs == 1``."""
 
-    def __init__(self, suite: Suite, jobs: int, console, stop):
-        self.suite, self.jobs, self.console, self.stop = suite, jobs, console, stop
+    def __init__(self, suite: Suite, jobs: int, threads: int, console, stop):
+        self.suite, self.jobs, self.threads, self.console, self.stop = suite, jobs, threads, console, stop
         self.running: dict[int, tuple[subprocess.Popen, Cell, int, str]] = {}  # slot -> (process, cell, lock fd, attempt)
         self.total = 0
         self.waiting_noted: set[str] = set()
         self.gpus = _gpus() if jobs > 1 else []
-        self.threads = max(1, _cores() // jobs)
 
     def run(self, cells: list[Cell]) -> None:
         self.total = len(cells)
@@ -232,9 +243,12 @@ class Scheduler:
         cell.extra["started"] = time.monotonic()
         self.console.print(f"[bold][{cell.number}/{self.total}] {cell.label}[/]{resuming} → {run_dir.path}")
         if self.jobs == 1:
+            before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)  # as a subprocess cell would (see run_suite)
             try:
                 run_cell(cell, self.suite.name, self.stop, self.console)
             finally:
+                torch.set_num_threads(before)
                 unlock(fd)
             self._report(cell)
         else:
