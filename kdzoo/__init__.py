@@ -5,10 +5,10 @@ __version__ = "0.1.0"
 from . import losses  # noqa: E402
 from .errors import UserError  # noqa: E402
 from .losses import cross_entropy, kl_div  # noqa: E402
-from .method import Method, NetOutputs, StepOutputs, Taps  # noqa: E402
+from .method import Batch, Method, NetOutputs, StepOutputs, Taps  # noqa: E402
 from .registry import get_method, load_plugin, method_names, register_method  # noqa: E402
 
 __all__ = [
-    "Method", "NetOutputs", "StepOutputs", "Taps", "UserError", "cross_entropy", "kl_div", "losses",
+    "Batch", "Method", "NetOutputs", "StepOutputs", "Taps", "UserError", "cross_entropy", "kl_div", "losses",
     "get_method", "load_plugin", "method_names", "register_method", "__version__",
 ]
