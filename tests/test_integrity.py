@@ -277,9 +277,13 @@ def test_the_lock_is_released_and_removed_after_a_run_and_after_a_failure(tmp_pa
     args = _run_args(tmp_path, "--max-steps", "1", "--run-name", "r")
     assert main(args) == 0
     (tmp_path / "runs" / "r" / "result.json").unlink()  # resumable again
-    assert main([*args, "--resume", "--model", "resnet18"]) == 2  # fails inside the lock (checkpoint of another model)
-    assert "does not match this run's model" in _error_line(capsys)
+    last = tmp_path / "runs" / "r" / "last.pt"
+    intact = last.read_bytes()
+    last.write_bytes(intact[: len(intact) // 3])
+    assert main([*args, "--resume"]) == 2  # fails inside the lock (a truncated checkpoint)
+    assert "truncated or corrupted" in _error_line(capsys)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"], "no lock file is left"
+    last.write_bytes(intact)
     assert main([*args, "--resume"]) == 0  # and the folder is free again
 
 
