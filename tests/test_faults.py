@@ -138,10 +138,10 @@ def test_cuda_out_of_memory_suggests_a_smaller_batch(tmp_path, capsys, monkeypat
 
     real_step = engine.Trainer._step
 
-    def step_then_oom(self, images, targets):
+    def step_then_oom(self, images, targets, index):
         if self.global_step == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self, images, targets)
+        return real_step(self, images, targets, index)
 
     monkeypatch.setattr(engine.Trainer, "_step", step_then_oom)
     assert main(tiny_args(tmp_path, "--run-name", "oom")) == 2

@@ -83,7 +83,7 @@ def test_every_student_phase_runs_the_engines_train_step(monkeypatch):
     original = step_module.TrainStep.__call__
 
     def counting(self, *args, **kwargs):
-        calls.append(self.method.name)
+        calls.append(self.parts.method.name)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(step_module.TrainStep, "__call__", counting)
