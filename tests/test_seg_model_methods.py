@@ -188,15 +188,15 @@ def test_cached_teachers_are_keyed_by_task():
 
 
 def test_cached_teachers_are_keyed_by_the_amount_of_generated_data(monkeypatch):
-    from kdzoo import data as data_module
+    from kdzoo.data import catalog
 
-    spec = data_module.get_dataset("shapes", "seg")
+    spec = catalog.get_dataset("shapes", "seg")
     cfg = RunConfig(method="kd", teacher="resnet50", task="seg").resolved()
     assert (cfg.train_size, cfg.test_size) == (spec.recipe.train_size, spec.recipe.test_size)
     before = teacher_run_config(cfg).resolved().run_id()
     # a later kdzoo that generates more images by default must not reuse this teacher
     more = dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, train_size=2 * spec.recipe.train_size))
-    monkeypatch.setitem(data_module._DATASETS, ("seg", "shapes"), more)
+    monkeypatch.setitem(catalog._DATASETS, ("seg", "shapes"), more)
     cfg = RunConfig(method="kd", teacher="resnet50", task="seg").resolved()
     assert teacher_run_config(cfg).resolved().run_id() != before
     # an explicit --train-size wins over the recipe's
