@@ -9,6 +9,7 @@ from the raw images.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def rank_part(batch: Tensor, rank: int, world: int) -> Tensor:
     return batch.tensor_split(world)[rank] if world > 1 else batch
 
 
-class Loader:
+class Loader(abc.ABC):
     """What every training and test loader shares: a length in batches, an epoch that seeds the
     order, a share of every batch under data parallelism, and a device the batches arrive on.
 
@@ -71,8 +72,9 @@ class Loader:
             if len(part):  # a short last test batch may leave a rank nothing
                 yield part
 
+    @abc.abstractmethod
     def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        raise NotImplementedError
+        """``(images, targets, index)`` of this rank's share of each batch, from batch ``skip`` on."""
 
     def __iter__(self):
         return self.batches()
