@@ -8,6 +8,8 @@ before any work (:func:`validate`), one mapping from the run's settings to a dat
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -54,6 +56,17 @@ def validate(cfg: RunConfig) -> Method:
         if value is not None and value < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
     return method_cls(method_config)
+
+
+def identify(cfg: RunConfig) -> RunConfig:
+    """The settings that define the run's result, complete: the dataset's recipe defaults filled
+    in, the fingerprint of the data under ``--data-root`` and the hash of a plugin method's source
+    file. Its run id and recipe hash change whenever the images or the plugin's code do."""
+    cfg = cfg.resolved()
+    return dataclasses.replace(
+        cfg, data_fingerprint=get_dataset(cfg.dataset, cfg.task).data_fingerprint(cfg.data_root),
+        method_source=get_method(cfg.method).source,
+    )
 
 
 def data_request(cfg: RunConfig, **changes) -> DataRequest:

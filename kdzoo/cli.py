@@ -22,9 +22,9 @@ from .bench import leaderboard as lb
 from .bench.runner import run_suite
 from .bench.speed import measure, print_report
 from .bench.suite import load_suite
-from .build import resolve_device, validate
+from .build import identify, resolve_device, validate
 from .checkpoint import strict_json
-from .config import RunConfig
+from .config import RunConfig, refuse_computed
 from .data import dataset_specs
 from .engine import Interrupted, StopFlag, run, stop_on_signals
 from .errors import UserError, missing
@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as Markdown")
     board.add_argument("--plot", default=None, metavar="FILE.png", help="bar chart of mean ± std (needs the plot extra)")
     board.add_argument("--teachers", action="store_true", help="include the cached teachers under teachers/ folders")
+    board.add_argument("--by-machine", action="store_true",
+                       help="one row per machine too (GPU, or CPU model and threads), with a machine column")
     return parser
 
 
@@ -207,6 +209,7 @@ def read_config_file(path: str) -> tuple[dict, dict]:
             raise UserError(f"{where} has both a [method] and a [method_settings] table; keep one "
                             "([method_settings], with method = \"NAME\" at the top)")
         method_settings = table
+    refuse_computed(data, where)
     apply_overrides(RunConfig(), data, where, finite=False)  # unknown keys and wrong types, naming the file
     return data, dict(method_settings)
 
@@ -250,7 +253,7 @@ def _launch_processes(args, cfg: RunConfig) -> int:
     if resolve_device(cfg.device).type == "cuda" and args.nproc > torch.cuda.device_count():
         raise UserError(f"--nproc {args.nproc} asks for one GPU per process but {torch.cuda.device_count()} are visible; "
                         "pass at most that many")
-    RunDir.for_run(cfg.output, cfg.run_id(), bool(args.resume))  # the output (and a resumed run's) folder is usable
+    RunDir.for_run(cfg.output, identify(cfg).run_id(), bool(args.resume))  # the output (and a resumed run's) folder is usable
     argv, skip = [], False
     for arg in args.argv:  # the same command line without --nproc
         if skip:
@@ -398,7 +401,7 @@ def cmd_leaderboard(args) -> int:
     if not entries:
         raise UserError(f"no runs under {str(root)!r}; train some with `kdzoo run` or `kdzoo bench SUITE.toml`, "
                         "or pass --runs DIR (their --output folder)")
-    board = lb.build(entries)
+    board = lb.build(entries, by_machine=args.by_machine)
     errors = lb.failures(entries)
     console = lb.wide_console()
     for note in notes:

@@ -55,6 +55,11 @@ class RunConfig:
     output: str = "runs"
     run_name: str | None = None
     method_settings: dict[str, Any] = field(default_factory=dict)
+    # Set by kdzoo (kdzoo.build.identify), never by the user: what the images under --data-root
+    # are and what a plugin method's source file holds, so that a run on other data or with an
+    # edited plugin never shares a run id, a cached teacher or a leaderboard row with this one.
+    data_fingerprint: str | None = None
+    method_source: str | None = None
 
     def resolved(self) -> RunConfig:
         """A copy with every recipe default filled in from the dataset."""
@@ -112,7 +117,7 @@ class RunConfig:
         """8 hex digits over every setting that changes the result, the seed included (not where
         it runs): the end of the run's folder name, so two different runs never share a folder.
         Not the recipe hash (:func:`recipe_hash`), which leaves the seed out to group seeds."""
-        values = {k: v for k, v in self.to_dict().items() if k not in self._NON_RESULT}
+        values = _identity(self.to_dict(), self._NON_RESULT)
         blob = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -146,7 +151,22 @@ _RULES = (
 )
 
 
-RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_settings"]
+# what kdzoo fills in itself (kdzoo.build.identify): not a setting of a config file or flag
+COMPUTED = ("data_fingerprint", "method_source")
+RUN_FIELDS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "method_settings" and f.name not in COMPUTED]
+
+
+def refuse_computed(values: dict[str, Any], where: str) -> None:
+    """A config file or suite that sets a field kdzoo computes is refused, not obeyed."""
+    for key in COMPUTED:
+        if key in values:
+            raise UserError(f"{where} sets {key}, which kdzoo computes from the data and the method's code; remove it")
+
+
+def _identity(run: dict[str, Any], leave_out) -> dict[str, Any]:
+    """The run settings that identify a result. A computed field that is None (generated data,
+    a built-in method) is left out, so runs recorded before it existed keep their ids."""
+    return {k: v for k, v in run.items() if k not in leave_out and not (k in COMPUTED and v is None)}
 
 
 # Settings that change no result, and the seed: left out of the recipe hash, so seeds group.
@@ -165,7 +185,7 @@ def recipe_hash(run: dict[str, Any], method_config: dict[str, Any] | None, versi
     """
     method = method_config if method_config is not None else {"settings": run.get("method_settings", {})}
     record = {
-        "run": {k: v for k, v in run.items() if k not in NOT_RECIPE and k not in leave_out},
+        "run": _identity(run, NOT_RECIPE | set(leave_out)),
         "method": method,
         "versions": {k: v for k, v in (versions or {}).items() if k != "python"},
     }

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .build import create_network, load_data, resolve_device, validate
+from .build import create_network, identify, load_data, resolve_device, validate
 from .checkpoint import read_checkpoint
 from .config import RunConfig, recipe_hash
 from .errors import UserError
@@ -119,7 +119,7 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None, s
     if not method_cls.needs_teacher and cfg.teacher:
         console.print(f"[yellow]note:[/] method {cfg.method!r} uses no teacher; ignoring --teacher {cfg.teacher}")
         cfg = dataclasses.replace(cfg, teacher=None, teacher_checkpoint=None, teacher_pretrained=False)
-    cfg = cfg.resolved()
+    cfg = identify(cfg)
     device = resolve_device(cfg.device)
     # rank 0 picks the folder (a fresh name is the first free one: ranks must not race for it)
     run_dir = RunDir(distributed.on_main(lambda: RunDir.for_run(cfg.output, cfg.run_id(), resume).path),

@@ -136,6 +136,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     # on the teacher, no teacher_images of its own): its teacher outputs are then a function of
     # the input alone, which a teacher-output cache may store.
     logits_only_teacher: ClassVar[bool] = False
+    # Set by @register_method: "<12 hex>" of the source file of a method that is not part of
+    # kdzoo (a --plugin file, a user's package), None for kdzoo's own (kdzoo's version names
+    # those). Part of every run's identity, so an edited plugin never reuses an earlier result.
+    source: ClassVar[str | None] = None
 
     @dataclass
     class Config:

@@ -7,9 +7,11 @@ end up here through the same ``@register_method`` decorator.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import pkgutil
 import sys
 from pathlib import Path
@@ -43,12 +45,26 @@ def register_method(name: str, *, aliases: tuple[str, ...] = ()):
                 )
         cls.name = name
         cls.aliases = tuple(aliases)
+        cls.source = _source_hash(cls)
         _METHODS[name] = cls
         for alias in aliases:
             _ALIASES[alias] = name
         return cls
 
     return decorator
+
+
+def _source_hash(cls: type) -> str | None:
+    """12 hex digits of the file that defines a method outside kdzoo (all of it: the method may
+    call helpers beside it); None for kdzoo's own methods and for code with no file (a notebook
+    cell), whose result only kdzoo's version can name."""
+    if cls.__module__.split(".")[0] == "kdzoo":
+        return None
+    try:
+        path = inspect.getsourcefile(cls)
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12] if path else None
+    except (OSError, TypeError):
+        return None
 
 
 def _load_builtins() -> None:

@@ -71,6 +71,18 @@ class Entry:
     versions: dict[str, Any]
     result: dict[str, Any] | None = None
     error: str | None = None
+    machine: str | None = None  # machine_label of where it ran (None: not recorded)
+
+
+def machine_label(record: dict[str, Any] | None) -> str | None:
+    """A run's machine in one short cell: the GPU, or the CPU model with the thread count — what
+    decides whether two runs of one recipe and seed give identical digits."""
+    if not isinstance(record, dict):
+        return None
+    if record.get("gpu"):
+        return str(record["gpu"])
+    cpu = " ".join(str(record.get("cpu") or "unknown CPU").split())
+    return f"{cpu}, {record.get('threads')} threads"
 
 
 def collect(root: str | Path, include_teachers: bool = False) -> tuple[list[Entry], list[str]]:
@@ -139,12 +151,15 @@ def _run_entry(path: Path, record: dict[str, Any] | None, notes: list[str]) -> E
         status, error = "failed", record.get("error")
     else:
         status, error = "incomplete", None
-    return Entry(str(path), status, run, config.get("method_config"), config.get("versions") or {}, result, error)
+    return Entry(str(path), status, run, config.get("method_config"), config.get("versions") or {}, result, error,
+                 machine_label((result or {}).get("machine") or config.get("machine")))
 
 
 # -- the table -------------------------------------------------------------------------------
-def build(entries: list[Entry]) -> pd.DataFrame:
-    """The leaderboard: exactly ``COLUMNS``, sorted by the main metric (best first, empty last)."""
+def build(entries: list[Entry], by_machine: bool = False) -> pd.DataFrame:
+    """The leaderboard: exactly ``columns(by_machine)``, sorted by the main metric (best first,
+    empty last). ``by_machine`` keeps runs of different machines in different rows."""
+    key = [*KEY, "machine"] if by_machine else KEY
     rows = []
     for e in entries:
         run, result = e.run, e.result or {}
@@ -152,7 +167,7 @@ def build(entries: list[Entry]) -> pd.DataFrame:
             "dataset": run.get("dataset") or result.get("dataset"), "task": run.get("task") or result.get("task", "cls"),
             "teacher": run.get("teacher") or "", "student": run.get("model") or result.get("model"),
             "method": run.get("method") or result.get("method"), "seed": run.get("seed", result.get("seed")),
-            "status": e.status, "folder": e.folder, "error": e.error,
+            "status": e.status, "folder": e.folder, "error": e.error, "machine": e.machine or "",
             "recipe_hash": recipe_hash(run, e.method_config, e.versions),
             "_train": training_hash(run, e.versions),
             "epochs": result.get("epochs", run.get("epochs")),
@@ -160,13 +175,13 @@ def build(entries: list[Entry]) -> pd.DataFrame:
         row.update({field: result.get(field) for field in MEANS})
         rows.append(row)
     if not rows:
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=columns(by_machine))
     df = pd.DataFrame(rows)
     for field in [*MEANS, "epochs"]:
         df[field] = pd.to_numeric(df[field], errors="coerce")
     # one run per seed: a repeated seed (a run started twice) counts once, the first folder by name
-    df = df.sort_values("folder", kind="stable").drop_duplicates([*KEY, "status", "seed"], keep="first")
-    grouped = df.groupby([*KEY, "status"], sort=False, dropna=False)
+    df = df.sort_values("folder", kind="stable").drop_duplicates([*key, "status", "seed"], keep="first")
+    grouped = df.groupby([*key, "status"], sort=False, dropna=False)
     board = grouped.agg(
         n_seeds=("seed", "size"), top1_std=("top1", "std"), miou_std=("miou", "std"), epochs=("epochs", "max"),
         _train=("_train", "first"), **{column: (field, "mean") for field, column in MEANS.items()},
@@ -176,7 +191,15 @@ def build(entries: list[Entry]) -> pd.DataFrame:
     board["epochs"] = board["epochs"].astype("Int64")
     board = board.sort_values([SORT_COLUMN, "dataset", "student", "method", "teacher"],
                               ascending=[False, True, True, True, True], na_position="last", kind="stable")
-    return board[COLUMNS].reset_index(drop=True)
+    return board[columns(by_machine)].reset_index(drop=True)
+
+
+def columns(by_machine: bool = False) -> list[str]:
+    """The table's columns: ``COLUMNS``, with ``machine`` after ``method`` when grouped by it."""
+    if not by_machine:
+        return COLUMNS
+    at = COLUMNS.index("method") + 1
+    return [*COLUMNS[:at], "machine", *COLUMNS[at:]]
 
 
 def _main_metric(board: pd.DataFrame, statistic: str) -> pd.Series:
@@ -213,14 +236,15 @@ def _cell(value: Any, column: str) -> str:
 
 
 def to_csv(board: pd.DataFrame) -> str:
-    return board[COLUMNS].to_csv(index=False, lineterminator="\n")
+    return board.to_csv(index=False, lineterminator="\n")
 
 
 def to_markdown(board: pd.DataFrame, errors: list[tuple[str, str]] = ()) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c in FORMATS or c in ("n_seeds", "epochs") else "---"
-                                                           for c in COLUMNS) + "|"]
-    for row in board[COLUMNS].itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v, c).replace("|", "\\|") for v, c in zip(row, COLUMNS)) + " |")
+    names = list(board.columns)
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---:" if c in FORMATS or c in ("n_seeds", "epochs") else "---"
+                                                         for c in names) + "|"]
+    for row in board.itertuples(index=False):
+        lines.append("| " + " | ".join(_cell(v, c).replace("|", "\\|") for v, c in zip(row, names)) + " |")
     if errors:
         lines += ["", "Failed cells:", ""] + [f"- `{folder}`: {error}" for folder, error in errors]
     return "\n".join(lines) + "\n"
@@ -230,7 +254,7 @@ def print_table(board: pd.DataFrame, errors: list[tuple[str, str]], console, tit
     from rich.table import Table
 
     table = Table(title=title)
-    shown = [c for c in COLUMNS if c not in TASK_COLUMNS or board[c].notna().any()]
+    shown = [c for c in board.columns if c not in TASK_COLUMNS or board[c].notna().any()]
     for column in shown:
         table.add_column(column, justify="right" if column in FORMATS or column in ("n_seeds", "epochs") else "left",
                          overflow="fold")

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+from ..build import identify
+from ..config import RunConfig, refuse_computed
 from ..errors import UserError, close_matches, missing
 from ..registry import get_method, load_plugin
 from ..settings import apply_overrides, load_toml
@@ -64,7 +65,7 @@ class Suite:
 def cell_id(cfg: RunConfig) -> str:
     """The run id the engine gives this cell (its settings resolved against the dataset's recipe)."""
     try:
-        return cfg.resolved().run_id()
+        return identify(cfg).run_id()
     except UserError:  # unknown dataset: the cell will fail; it still needs a stable name
         return cfg.run_id()
 
@@ -109,6 +110,7 @@ def expand(data: dict[str, Any], where: str = "suite") -> list[RunConfig]:
         for axis, key in AXES.items():
             if axis in grid and key in scalars:
                 raise UserError(f"{gwhere} gives both {axis!r} and {key!r}; keep one")
+        refuse_computed({**defaults, **scalars}, gwhere)
         base = apply_overrides(RunConfig(), {**defaults, **scalars}, gwhere)
         axes = {axis: _axis(grid[axis], axis, gwhere) if axis in grid else [getattr(base, key)] for axis, key in AXES.items()}
         grid_sets = _method_sets(grid.get("set", {}), f"{gwhere} [grid.set]")

@@ -73,6 +73,12 @@ class DatasetSpec:
     build: Callable[[DataRequest], DataBundle]
     needs_root: bool = False
     task: str = "cls"  # a name may have one spec per task (shapes: labels for cls, masks for seg)
+    # --data-root -> what identifies the data in it (see kdzoo.data.fingerprint); None for data
+    # kdzoo generates, which its settings (sizes, input size) and kdzoo's version identify
+    fingerprint: Callable[[str | None], str | None] | None = None
+
+    def data_fingerprint(self, root: str | None) -> str | None:
+        return self.fingerprint(root) if self.fingerprint is not None else None
 
 
 _DATASETS: dict[tuple[str, str], DatasetSpec] = {}  # (task, name) -> spec

@@ -4,6 +4,7 @@ ImageNet-style folder tree. Each registers itself in :mod:`.catalog` with its de
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from .catalog import (
     Recipe,
     register_dataset,
 )
+from .fingerprint import folders
 from .loaders import CropFlip, InMemoryLoader, TorchLoader
 
 
@@ -103,14 +105,31 @@ def _build_cifar(name: str, num_classes: int, mean, std):
     return build
 
 
+def _cifar_fingerprint(num_classes: int):
+    """torchvision loads CIFAR only when every file's MD5 equals the published one, so any root it
+    loads from holds the same data: the fingerprint is those MD5s (the same before a --download
+    as after it)."""
+
+    def fingerprint(root: str | None) -> str:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+        md5s = sorted(md5 for _, md5 in (*cls.train_list, *cls.test_list)) + [cls.meta["md5"]]
+        return f"{cls.__name__} md5-checked {hashlib.sha256(' '.join(md5s).encode()).hexdigest()[:12]}"
+
+    return fingerprint
+
+
 _CIFAR_RECIPE = Recipe(epochs=240, batch_size=64, lr=0.05, weight_decay=5e-4, schedule="step", milestones=(150, 180, 210))
 register_dataset(DatasetSpec(
     "cifar10", "CIFAR-10 from --data-root (torchvision layout; --download when online)", 10, 32, _CIFAR_RECIPE,
     _build_cifar("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), needs_root=True,
+    fingerprint=_cifar_fingerprint(10),
 ))
 register_dataset(DatasetSpec(
     "cifar100", "CIFAR-100 from --data-root (torchvision layout; --download when online)", 100, 32, _CIFAR_RECIPE,
     _build_cifar("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), needs_root=True,
+    fingerprint=_cifar_fingerprint(100),
 ))
 
 
@@ -164,5 +183,5 @@ def _build_imagefolder(req: DataRequest) -> DataBundle:
 register_dataset(DatasetSpec(
     "imagefolder", "any ImageNet-style tree: --data-root DIR with DIR/train/<class>/ and DIR/val/<class>/",
     None, 224, Recipe(epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, schedule="step", milestones=(30, 60, 90)),
-    _build_imagefolder, needs_root=True,
+    _build_imagefolder, needs_root=True, fingerprint=folders("train", "val", "test"),
 ))

@@ -27,6 +27,7 @@ from .catalog import (
     Recipe,
     register_dataset,
 )
+from .fingerprint import folders
 from .joint import Canvas, JointAugment
 from .loaders import InMemoryLoader, TorchLoader, to_float
 
@@ -169,6 +170,7 @@ register_dataset(DatasetSpec(
     len(VOC_CLASSES), 512,
     Recipe(epochs=50, batch_size=16, lr=0.01, weight_decay=1e-4, schedule="cosine", warmup_epochs=1.0),
     _build_voc, needs_root=True, task="seg",
+    fingerprint=folders(*(f"VOCdevkit/VOC2012/{d}" for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"))),
 ))
 
 
@@ -208,5 +210,5 @@ register_dataset(DatasetSpec(
     "cityscapes", "Cityscapes fine from --data-root (leftImg8bit/, gtFine/; 19 classes at half resolution, 512 px crops)",
     19, 512,
     Recipe(epochs=120, batch_size=8, lr=0.01, weight_decay=1e-4, schedule="cosine", warmup_epochs=1.0),
-    _build_cityscapes, needs_root=True, task="seg",
+    _build_cityscapes, needs_root=True, task="seg", fingerprint=folders("leftImg8bit", "gtFine"),
 ))
