@@ -43,7 +43,7 @@ def validate(cfg: RunConfig) -> Method:
     get_task(cfg.task)
     if cfg.task not in method_cls.tasks:
         raise UserError(f"method {cfg.method!r} supports task(s) {', '.join(method_cls.tasks)}, not {cfg.task!r}")
-    settings = {**method_cls.task_defaults.get(cfg.task, {}), **cfg.method_settings}
+    settings = {**method_cls.recipe_defaults(cfg, cfg.method_settings), **cfg.method_settings}
     method_config = apply_overrides(method_cls.Config(), settings, f"method {method_cls.name!r}")
     get_dataset(cfg.dataset, cfg.task)
     check_model_name(cfg.model)

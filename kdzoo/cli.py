@@ -282,8 +282,9 @@ def cmd_list(args) -> int:
             cls = get_method(name)
             taps = cls.taps
             label = name + (f" ({', '.join(aliases_of(name))})" if aliases_of(name) else "")
-            settings = ", ".join(f"{k}={v}" + "".join(f" ({task}: {values[k]})" for task, values in cls.task_defaults.items()
-                                                      if k in values) for k, _, v in describe(cls.Config))
+            variants = [*cls.dataset_defaults.items(), *cls.task_defaults.items(), *cls.switch_defaults.items()]
+            settings = ", ".join(f"{k}={v}" + "".join(f" ({where}: {values[k]})" for where, values in variants if k in values)
+                                 for k, _, v in describe(cls.Config))
             table.add_row(label, "needs" if cls.needs_teacher else "none", ",".join(cls.tasks),
                           ", ".join(["logits", *taps.student]), ", ".join(["logits", *taps.teacher]) if cls.needs_teacher else "-",
                           settings or "-", cls.summary)

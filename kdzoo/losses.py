@@ -26,7 +26,7 @@ from .metrics import IGNORE_INDEX
 __all__ = [
     "IGNORE_INDEX",
     # logits
-    "pixels_as_samples", "kl_div", "softened_kl", "cross_entropy", "class_probabilities",
+    "pixels_as_samples", "kl_div", "softened_kl", "cross_entropy", "class_probabilities", "standardize_logits",
     # spatial attention
     "activation_map", "attention_map", "attention_loss",
     # resizing
@@ -86,6 +86,18 @@ def softened_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
     per_class_kl = kl_div(pixels_as_samples(student_logits), pixels_as_samples(teacher_logits),
                           temperature, reduction)
     return temperature**2 * per_class_kl
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Z-score of each sample's logits over its classes, (z − mean) / (std + eps), float32.
+
+    Logit standardisation (Sun et al., CVPR 2024): a student need not match the teacher's logit
+    range, only their relations, so both are standardised before a temperature softens them.
+    The class axis is 1 for ``(B, K)`` and ``(B, K, H, W)`` logits alike. As in the official code,
+    the standard deviation is the unbiased one and eps is added to it, not to the variance.
+    """
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:

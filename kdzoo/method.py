@@ -123,9 +123,14 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
     tasks: ClassVar[tuple[str, ...]] = ("cls",)
-    # Config values that differ by task (e.g. the paper's segmentation setting), applied before
-    # the user's --set; the Config defaults are the classification ones.
+    # Config values that differ from the Config defaults (the paper's CIFAR-100 setting) in
+    # another setting, applied by recipe_defaults before the user's --set, later ones winning:
+    # by dataset name (the ImageNet setting under "imagefolder"), by task (the paper's
+    # segmentation setting), and by a boolean setting the user switched on (a variant's
+    # companion weights, e.g. those logit standardisation brings).
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     task_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    switch_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     taps: Taps = Taps()
     summary: ClassVar[str] = ""
     # True when some trainable parameter may get no gradient on some steps (an extra used only
@@ -204,6 +209,19 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
     def extra_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @classmethod
+    def recipe_defaults(cls, run: Any, settings: dict[str, Any]) -> dict[str, Any]:
+        """The Config values a run (a :class:`kdzoo.config.RunConfig`) starts from before the user's ``settings`` (``--set``) are
+        applied: ``dataset_defaults``, then ``task_defaults``, then the ``switch_defaults`` of
+        each switch ``settings`` turns on. A method whose defaults depend on more (DKD's β on the
+        teacher→student pair) overrides this and extends what ``super()`` returns.
+        """
+        defaults = {**cls.dataset_defaults.get(run.dataset, {}), **cls.task_defaults.get(run.task, {})}
+        for switch, values in cls.switch_defaults.items():
+            if settings.get(switch) is True:
+                defaults.update(values)
+        return defaults
 
     @classmethod
     def config_fields(cls) -> list[str]:
