@@ -22,6 +22,7 @@ import pandas as pd
 from ..checkpoint import atomic_write_bytes, atomic_write_text
 from ..config import recipe_hash
 from ..errors import UserError
+from . import published
 from .status import STATUS_DIR, read_statuses
 
 # The metric rows are ranked by and compared with the baseline on, per task: classification
@@ -33,8 +34,8 @@ KEY = ["dataset", "task", "teacher", "student", "method", "recipe_hash"]
 COLUMNS = [
     "dataset", "task", "teacher", "student", "method", "n_seeds", "top1_mean", "top1_std", "top5_mean",
     "miou_mean", "miou_std", "pixel_acc_mean",
-    "gain_vs_baseline", "best_top1_mean", "best_miou_mean", "teacher_top1", "teacher_miou", "params_m", "extra_params_m",
-    "ms_per_step", "train_img_per_s", "peak_mem_mb", "epochs", "recipe_hash", "status",
+    "gain_vs_baseline", "paper_top1", "delta_vs_paper", "best_top1_mean", "best_miou_mean", "teacher_top1", "teacher_miou", "params_m", "extra_params_m",
+    "ms_per_step", "train_img_per_s", "peak_mem_mb", "epochs", "recipe_hash", "status", "paper_source",
 ]
 # result.json field -> column, each the mean over the row's seeds
 MEANS = {"top1": "top1_mean", "top5": "top5_mean", "best_top1": "best_top1_mean", "teacher_top1": "teacher_top1",
@@ -43,9 +44,11 @@ MEANS = {"top1": "top1_mean", "top5": "top5_mean", "best_top1": "best_top1_mean"
          "train_img_per_s": "train_img_per_s", "peak_mem_mb": "peak_mem_mb"}
 # the columns only one task fills: the terminal leaves out those that are empty in every row
 TASK_COLUMNS = ("top1_mean", "top1_std", "top5_mean", "best_top1_mean", "teacher_top1",
-                "miou_mean", "miou_std", "pixel_acc_mean", "best_miou_mean", "teacher_miou")
+                "miou_mean", "miou_std", "pixel_acc_mean", "best_miou_mean", "teacher_miou",
+                "paper_top1", "delta_vs_paper", "paper_source")
 # how each column is shown in the terminal and in Markdown (CSV keeps full precision)
 FORMATS = {"top1_mean": ".2f", "top1_std": ".2f", "top5_mean": ".2f", "gain_vs_baseline": "+.2f",
+           "paper_top1": ".2f", "delta_vs_paper": "+.2f",
            "best_top1_mean": ".2f", "teacher_top1": ".2f", "params_m": ".2f", "extra_params_m": ".3f",
            "miou_mean": ".2f", "miou_std": ".2f", "pixel_acc_mean": ".2f", "best_miou_mean": ".2f", "teacher_miou": ".2f",
            "ms_per_step": ".1f", "train_img_per_s": ".0f", "peak_mem_mb": ".0f"}
@@ -72,6 +75,7 @@ class Entry:
     result: dict[str, Any] | None = None
     error: str | None = None
     machine: str | None = None  # machine_label of where it ran (None: not recorded)
+    num_classes: int | None = None  # config.json's data record (tells ImageNet from other image folders)
 
 
 def machine_label(record: dict[str, Any] | None) -> str | None:
@@ -152,7 +156,8 @@ def _run_entry(path: Path, record: dict[str, Any] | None, notes: list[str]) -> E
     else:
         status, error = "incomplete", None
     return Entry(str(path), status, run, config.get("method_config"), config.get("versions") or {}, result, error,
-                 machine_label((result or {}).get("machine") or config.get("machine")))
+                 machine_label((result or {}).get("machine") or config.get("machine")),
+                 (config.get("data") or {}).get("num_classes"))
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -172,6 +177,8 @@ def build(entries: list[Entry], by_machine: bool = False) -> pd.DataFrame:
             "_train": training_hash(run, e.versions),
             "epochs": result.get("epochs", run.get("epochs")),
         }
+        paper = published.lookup(row["method"], row["dataset"], e.num_classes, row["teacher"], row["student"], e.method_config)
+        row["paper_top1"], row["paper_source"] = (paper.top1, paper.source) if paper else (None, None)
         row.update({field: result.get(field) for field in MEANS})
         rows.append(row)
     if not rows:
@@ -184,10 +191,13 @@ def build(entries: list[Entry], by_machine: bool = False) -> pd.DataFrame:
     grouped = df.groupby([*key, "status"], sort=False, dropna=False)
     board = grouped.agg(
         n_seeds=("seed", "size"), top1_std=("top1", "std"), miou_std=("miou", "std"), epochs=("epochs", "max"),
-        _train=("_train", "first"), **{column: (field, "mean") for field, column in MEANS.items()},
+        _train=("_train", "first"), paper_top1=("paper_top1", "first"), paper_source=("paper_source", "first"),
+        **{column: (field, "mean") for field, column in MEANS.items()},
     ).reset_index()
     board[SORT_COLUMN] = _main_metric(board, "mean")
     board["gain_vs_baseline"] = _gain(board)
+    board["paper_top1"] = pd.to_numeric(board["paper_top1"], errors="coerce")
+    board["delta_vs_paper"] = (board["top1_mean"] - board["paper_top1"]).where(board["status"] == "complete")
     board["epochs"] = board["epochs"].astype("Int64")
     board = board.sort_values([SORT_COLUMN, "dataset", "student", "method", "teacher"],
                               ascending=[False, True, True, True, True], na_position="last", kind="stable")
