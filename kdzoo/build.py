@@ -96,4 +96,5 @@ def load_data(cfg: RunConfig, device: torch.device, **changes) -> DataBundle:
 
 def create_network(cfg: RunConfig, name: str, data: DataBundle, pretrained: bool = False) -> nn.Module:
     """The timm network ``name`` for this run's data and task (classes, input size, small-input stem)."""
-    return create_model(name, data.num_classes, data.input_size, cfg.small_input_stem, pretrained, cfg.task)
+    return create_model(name, data.num_classes, data.input_size, cfg.small_input_stem, pretrained, cfg.task,
+                        zero_init_last=cfg.zero_init_last)

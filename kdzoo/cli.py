@@ -30,6 +30,7 @@ from .engine import Interrupted, StopFlag, run, stop_on_signals
 from .errors import UserError, missing
 from .hooks import describe_all_modules, resolve_taps
 from .models import create_model, model_info
+from .recipes import RECIPES
 from .registry import aliases_of, get_method, load_plugin, method_names
 from .runs import RunDir
 from .settings import apply_overrides, describe, load_toml, parse_assignments
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input-size", type=int, default=None, help="image size (shapes: generated at this size)")
     run.add_argument("--train-size", type=int, default=None, help="use only the first N training images")
     run.add_argument("--test-size", type=int, default=None, help="use only the first N test images")
+    run.add_argument("--recipe", default=None, metavar="NAME",
+                     help="a paper's training recipe (see `kdzoo list recipes`); flags given beside it win")
     run.add_argument("--epochs", type=int, default=None)
     run.add_argument("--batch-size", type=int, default=None)
     run.add_argument("--lr", type=float, default=None)
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--momentum", type=float, default=None)
     _bool_flag(run, "nesterov", "Nesterov momentum for SGD")
     run.add_argument("--weight-decay", type=float, default=None)
+    run.add_argument("--weight-decay-on", choices=["weights", "all"], default=None,
+                     help="weights: matrices and kernels only (default); all: biases and norm weights too, as the papers' code")
     run.add_argument("--schedule", choices=["cosine", "step"], default=None)
     run.add_argument("--milestones", type=_epoch_list, default=None,
                      help="epochs where a step schedule multiplies the lr by --gamma, e.g. 150,180,210")
@@ -99,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--warmup-epochs", type=float, default=None)
     run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     _execution_flags(run)
+    _bool_flag(run, "zero-init-last", "zero-initialise the last norm layer of residual blocks (timm's default for ResNets)")
     _bool_flag(run, "pretrained", "initialise the student from timm's pretrained weights (needs internet once)")
     run.add_argument("--teacher-checkpoint", default=None, help="teacher weights: a kdzoo checkpoint or a state_dict")
     _bool_flag(run, "teacher-pretrained", "start the teacher from timm's pretrained weights (needs internet once)")
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train data-parallel in N processes on this machine (one per GPU; gloo on CPU) via torchrun")
 
     lst = sub.add_parser("list", help="list methods, models or datasets")
-    lst.add_argument("what", nargs="?", choices=["methods", "models", "datasets"], default="methods")
+    lst.add_argument("what", nargs="?", choices=["methods", "models", "datasets", "recipes"], default="methods")
     lst.add_argument("pattern", nargs="?", default=None, help="filter models with a pattern such as 'resnet*'")
     lst.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE")
 
@@ -305,6 +311,17 @@ def cmd_list(args) -> int:
                 recipe += f"; teachers {r.teacher_epochs} ep"
             table.add_row(spec.name, spec.task, str(spec.num_classes or "from folders"), str(spec.input_size), recipe,
                           spec.description)
+        console.print(table)
+    elif args.what == "recipes":
+        table = Table(title="kdzoo recipes (kdzoo run --recipe NAME)")
+        table.add_column("recipe", no_wrap=True)
+        for column in ("datasets", "settings", "source"):
+            table.add_column(column, overflow="fold")
+        for recipe in RECIPES.values():
+            settings = ", ".join(f"{k}={v}" for k, v in recipe.settings.items())
+            for patterns, changes in recipe.by_student:
+                settings += f"; {'/'.join(patterns)} students: " + ", ".join(f"{k}={v}" for k, v in changes.items())
+            table.add_row(recipe.name, ", ".join(recipe.datasets), settings, recipe.source)
         console.print(table)
     else:
         names = timm.list_models(_model_pattern(args.pattern))

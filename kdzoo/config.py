@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from .data import get_dataset
 from .errors import UserError
+from .recipes import get_recipe, recipe_settings
 
 
 @dataclass
@@ -33,20 +34,26 @@ class RunConfig:
     batch_size: int | None = None
     lr: float | None = None
     optimizer: Literal["sgd", "adamw"] | None = None
-    momentum: float = 0.9
+    momentum: float | None = None  # None: 0.9
     nesterov: bool | None = None
     weight_decay: float | None = None
+    # which parameters weight decay applies to: "weights" (matrices and kernels, not biases and
+    # norm weights: kdzoo's default) or "all" (what the papers' official codes do)
+    weight_decay_on: Literal["weights", "all"] | None = None
     schedule: Literal["cosine", "step"] | None = None
     milestones: list[int] | None = None
-    gamma: float = 0.1
+    gamma: float | None = None  # None: 0.1
     warmup_epochs: float | None = None
     max_steps: int | None = None
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
+    amp: bool | None = None  # None: on
     channels_last: bool = True
     compile: bool = False  # torch.compile the student (after its hooks) and, separately, the teacher
     small_input_stem: bool | None = None
+    # False: no zero-initialised last norm layer in residual blocks (timm's ResNets have one; the
+    # papers' CIFAR ResNets and torchvision's do not); None: the model's own init
+    zero_init_last: bool | None = None
     pretrained: bool = False
     teacher_checkpoint: str | None = None
     teacher_pretrained: bool = False
@@ -54,6 +61,7 @@ class RunConfig:
     workers: int = 2
     output: str = "runs"
     run_name: str | None = None
+    recipe: str | None = None  # a paper recipe by name (kdzoo/recipes.py); flags given beside it win
     method_settings: dict[str, Any] = field(default_factory=dict)
     # Set by kdzoo (kdzoo.build.identify), never by the user: what the images under --data-root
     # are and what a plugin method's source file holds, so that a run on other data or with an
@@ -62,10 +70,18 @@ class RunConfig:
     method_source: str | None = None
 
     def resolved(self) -> RunConfig:
-        """A copy with every recipe default filled in from the dataset."""
+        """A copy with every default filled in: a field left None takes the named recipe's value
+        (``--recipe``), else the dataset's recipe, else kdzoo's general default."""
         spec = get_dataset(self.dataset, self.task)
         recipe = spec.recipe
         values = dataclasses.asdict(self)
+        if self.recipe is not None:
+            for key, value in recipe_settings(self.recipe, self.dataset, self.model).items():
+                if values[key] is None:
+                    values[key] = value
+        for key, value in _GENERAL_DEFAULTS.items():
+            if values[key] is None:
+                values[key] = value
         for key in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "nesterov",
                     "train_size", "test_size"):
             if values[key] is None:
@@ -78,6 +94,17 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def recipe_record(self) -> dict[str, Any] | None:
+        """For a run with ``--recipe``: its name, source and each field a flag set to another
+        value than the recipe's (call it on the settings as given, before :meth:`resolved`)."""
+        if self.recipe is None:
+            return None
+        given = self.to_dict()
+        overrides = {key: {"recipe": value, "given": given[key]}
+                     for key, value in recipe_settings(self.recipe, self.dataset, self.model).items()
+                     if given[key] is not None and given[key] != value}
+        return {"name": self.recipe, "source": get_recipe(self.recipe).source, "overrides": overrides}
 
     def validate(self) -> None:
         """Refuse every value no run can use, before any work starts (no teacher is trained
@@ -103,6 +130,8 @@ class RunConfig:
             if isinstance(milestone, bool) or not isinstance(milestone, int) or milestone < 1:
                 raise UserError(f"--milestones must be epochs (whole numbers of at least 1), got {milestone!r}; "
                                 "pass e.g. --milestones 150,180,210")
+        if self.recipe is not None:
+            recipe_settings(self.recipe, self.dataset, self.model)  # a known recipe, for this dataset
         if not isinstance(self.output, str) or not self.output.strip():
             raise UserError(f"--output must name a folder, got {self.output!r}; pass e.g. --output runs")
         if self.run_name is not None:
@@ -127,6 +156,10 @@ class RunConfig:
         pair = f"{self.teacher}-{self.model}" if self.teacher else self.model
         data = self.dataset if self.task == "cls" else f"{self.dataset}-{self.task}"
         return f"{data}_{self.method}_{pair}_s{self.seed}_{self.run_key()}"
+
+
+# what a field left None means when neither a named recipe nor the dataset's recipe sets it
+_GENERAL_DEFAULTS = {"momentum": 0.9, "gamma": 0.1, "amp": True, "weight_decay_on": "weights"}
 
 
 @dataclass(frozen=True)

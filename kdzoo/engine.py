@@ -119,6 +119,7 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None, s
     if not method_cls.needs_teacher and cfg.teacher:
         console.print(f"[yellow]note:[/] method {cfg.method!r} uses no teacher; ignoring --teacher {cfg.teacher}")
         cfg = dataclasses.replace(cfg, teacher=None, teacher_checkpoint=None, teacher_pretrained=False)
+    recipe = cfg.recipe_record()  # which fields the flags took from the named recipe, before defaults fill them
     cfg = identify(cfg)
     device = resolve_device(cfg.device)
     # rank 0 picks the folder (a fresh name is the first free one: ranks must not race for it)
@@ -152,7 +153,7 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None, s
     method.setup(s_info, t_info)
     method.to(device)
     return Context(cfg, method, method_config, student, teacher, teacher_score, teacher_source, data, device, run_dir,
-                   {"student_info": s_info, "teacher_info": t_info})
+                   {"student_info": s_info, "teacher_info": t_info, "recipe": recipe})
 
 
 # what may differ between a run and its --resume: where it runs and how it is named, not what it computes
@@ -519,6 +520,7 @@ class Trainer:
             "method_config": dataclasses.asdict(ctx.method_config),
             "recipe_hash": self._recipe_hash(),
             "teacher_source": ctx.teacher_source,
+            "recipe": ctx.extras.get("recipe"),
             "data": {"num_classes": ctx.data.num_classes, "input_size": ctx.data.input_size,
                      "train_images": len(ctx.data.train) * self.cfg.batch_size, "augment": repr(ctx.data.augment)},
             "versions": versions(), "machine": machine(), "git_commit": git_commit(), "command": command_line(),

@@ -85,6 +85,7 @@ def create_model(
     small_input_stem: bool | None = None,
     pretrained: bool = False,
     task: str = "cls",
+    zero_init_last: bool | None = None,
 ) -> nn.Module:
     """A timm model with ``num_classes`` outputs, adapted to ``input_size``.
 
@@ -92,17 +93,21 @@ def create_model(
     segmentation models keep the standard stem unless it is asked for).
     Transformers with a fixed input size are built for ``input_size``. ``task="seg"`` wraps the
     backbone (without its classifier) in :class:`kdzoo.segmentation.SegmentationModel`.
+    ``zero_init_last=False`` asks for no zero-initialised last norm layer in residual blocks (a
+    model without that option has none); None keeps the model's own init.
     """
     if task == "seg":
         # off unless asked for: segmentation keeps the stride-4 stem and lets the decoder restore resolution
-        backbone = create_model(name, 0, input_size, bool(small_input_stem), pretrained)
+        backbone = create_model(name, 0, input_size, bool(small_input_stem), pretrained, zero_init_last=zero_init_last)
         return SegmentationModel(backbone, num_classes, input_size)
     check_model_name(name)
     kwargs = {}
     if _needs_img_size(name):
         kwargs["img_size"] = input_size
+    if zero_init_last is not None:
+        kwargs["zero_init_last"] = zero_init_last
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        model = _timm_model(name, pretrained, num_classes, kwargs)
     except (RuntimeError, OSError, ValueError) as e:
         if pretrained:
             raise UserError(
@@ -115,6 +120,18 @@ def create_model(
     if small_input_stem:
         model = apply_small_input_stem(model)
     return model
+
+
+def _timm_model(name: str, pretrained: bool, num_classes: int, kwargs: dict) -> nn.Module:
+    """timm.create_model; ``zero_init_last`` is dropped for a model whose class has no such option
+    (it has no zero-initialised last layer to switch off)."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        if "zero_init_last" not in kwargs or "zero_init_last" not in str(e):
+            raise
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                             **{k: v for k, v in kwargs.items() if k != "zero_init_last"})
 
 
 def parameter_count(model: nn.Module) -> int:

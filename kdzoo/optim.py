@@ -14,17 +14,19 @@ def build_optimizer(params: list[nn.Parameter], cfg, extra_groups: list[dict] = 
     """The run's optimiser over ``params`` (the student's, and a method's extras without options)
     and the method's ``extra_groups`` (see :meth:`kdzoo.method.Method.param_groups`).
 
-    No weight decay on biases and norm weights (tensors of one dimension), the usual practice for
-    both SGD and AdamW, unless a group sets its own ``weight_decay``. A group's ``lr_scale``
-    multiplies the run's lr; the schedule scales every group alike.
+    ``cfg.weight_decay_on``: "weights" leaves biases and norm weights (tensors of one dimension)
+    undecayed, the usual practice for both SGD and AdamW; "all" decays every parameter, as the
+    papers' official codes do. A group that sets its own ``weight_decay`` keeps it either way. A
+    group's ``lr_scale`` multiplies the run's lr; the schedule scales every group alike.
     """
-    groups = _decay_split(list(params), cfg.weight_decay, cfg.lr)
+    decay_all = getattr(cfg, "weight_decay_on", "weights") == "all"
+    groups = _decay_split(list(params), cfg.weight_decay, cfg.lr, decay_all)
     for extra in extra_groups:
         scale = extra.get("lr_scale", 1.0)
         if "weight_decay" in extra:
             groups.append({"params": list(extra["params"]), "weight_decay": extra["weight_decay"], "lr": cfg.lr * scale})
         else:
-            groups += _decay_split(list(extra["params"]), cfg.weight_decay, cfg.lr * scale)
+            groups += _decay_split(list(extra["params"]), cfg.weight_decay, cfg.lr * scale, decay_all)
     everything = [p for g in groups for p in g["params"]]
     fused = {"fused": True} if everything and all(p.is_cuda for p in everything) else {}
     if cfg.optimizer == "adamw":
@@ -32,7 +34,9 @@ def build_optimizer(params: list[nn.Parameter], cfg, extra_groups: list[dict] = 
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=bool(cfg.nesterov) and cfg.momentum > 0, **fused)
 
 
-def _decay_split(params: list[nn.Parameter], weight_decay: float, lr: float) -> list[dict]:
+def _decay_split(params: list[nn.Parameter], weight_decay: float, lr: float, decay_all: bool = False) -> list[dict]:
+    if decay_all:
+        return [{"params": params, "weight_decay": weight_decay, "lr": lr}]
     return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "lr": lr},
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
 

@@ -41,7 +41,7 @@ def teacher_run_config(cfg: RunConfig, pretrained_init: bool = False) -> RunConf
         epochs=cfg.teacher_epochs, seed=0, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last,
         compile=cfg.compile, small_input_stem=cfg.small_input_stem, workers=cfg.workers,
         output=str(Path(cfg.output) / "teachers"),
-        pretrained=pretrained_init, data_fingerprint=cfg.data_fingerprint,
+        pretrained=pretrained_init, data_fingerprint=cfg.data_fingerprint, recipe=cfg.recipe,
     )
 
 

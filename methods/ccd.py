@@ -42,6 +42,10 @@ class _JointAugmentation(Method):
     needs_teacher = True
     logits_only_teacher = True
     tasks = ("cls",)
+    # The reference's policy per dataset (CIFAR-100 is the Config default). ImageNet's is used
+    # for image folders (ImageNet-style photographs at 224 px); shapes keeps CIFAR-100's, the
+    # closest in image size and content density.
+    dataset_defaults = {"cifar10": {"policy": "cifar10"}, "imagefolder": {"policy": "imagenet"}}
 
     def __init__(self, config=None):
         super().__init__(config)
