@@ -43,8 +43,12 @@ def validate(cfg: RunConfig) -> Method:
     get_task(cfg.task)
     if cfg.task not in method_cls.tasks:
         raise UserError(f"method {cfg.method!r} supports task(s) {', '.join(method_cls.tasks)}, not {cfg.task!r}")
-    settings = {**method_cls.recipe_defaults(cfg, cfg.method_settings), **cfg.method_settings}
-    method_config = apply_overrides(method_cls.Config(), settings, f"method {method_cls.name!r}")
+    owner = f"method {method_cls.name!r}"
+    # the user's settings typed first (--set gives strings: "true" must switch a variant on)
+    given = apply_overrides(method_cls.Config(), cfg.method_settings, owner)
+    typed = {key: getattr(given, key) for key in cfg.method_settings}
+    settings = {**method_cls.recipe_defaults(cfg, typed), **cfg.method_settings}
+    method_config = apply_overrides(method_cls.Config(), settings, owner)
     get_dataset(cfg.dataset, cfg.task)
     check_model_name(cfg.model)
     if method_cls.needs_teacher:

@@ -77,6 +77,8 @@ def test_kd_defaults_follow_the_dataset_the_task_and_the_switch():
     ls = _config("kd", ("logit_standardize", True))  # the LS repo's tools/train.py: τ = base_temp 2, weight 9
     assert (ls.temperature, ls.ce_weight, ls.kd_weight, ls.logit_standardize) == (2.0, 0.1, 9.0, True)
     assert _config("kd", ("logit_standardize", False)).temperature == 4.0
+    assert _config("kd", ("logit_standardize", "true")).kd_weight == 9.0  # as --set gives it: a string
+    assert _config("kd", ("logit_standardize", "false")).kd_weight == 0.9
     mine = _config("kd", ("logit_standardize", True), ("temperature", 3.0))  # --set wins over every default
     assert (mine.temperature, mine.kd_weight) == (3.0, 9.0)
     seg = _config("kd", task="seg")
