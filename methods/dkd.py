@@ -33,7 +33,7 @@ image's dominant label); the CE uses the whole distribution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +43,6 @@ from kdzoo.losses import cross_entropy, kl_div
 from kdzoo.method import StepOutputs
 from kdzoo.methods._logit import LogitMethod
 from kdzoo.registry import register_method
-from kdzoo.settings import apply_overrides
 
 # β of the official CIFAR-100 configs (mdistiller configs/cifar100/dkd/*.yaml) that differ from the
 # default 8, keyed (teacher, student) by kdzoo's CIFAR network names.
@@ -101,21 +100,13 @@ def warmup_weight(epoch: int, warmup: int) -> float:
     return 1.0 if warmup == 0 else min((epoch + 1) / warmup, 1.0)
 
 
-def _switched_on(value: Any) -> bool:
-    """A switch's value as given by --set (a string) or a config file (a bool), as a bool."""
-    if value is None:
-        return False
-    return apply_overrides(DKD.Config(), {"logit_standardize": value}, "method 'dkd'").logit_standardize
-
-
 @register_method("dkd")
 class DKD(LogitMethod):
     summary = "Decoupled KD: target-class and non-target-class KL weighted apart (α, β), warm-up"
     tasks = ("cls",)
     dataset_defaults = {"imagefolder": {"beta": 0.5, "temperature": 1.0, "warmup": 1}}
-    # on the CIFAR default pair; recipe_defaults multiplies whatever α, β the dataset and pair give
-    switch_defaults = {"logit_standardize": {"temperature": LS_TEMPERATURE, "alpha": LS_WEIGHT * 1.0,
-                                             "beta": LS_WEIGHT * 8.0}}
+    # logit standardisation's ×9 on α and β and τ = 2 depend on the dataset's and the pair's β:
+    # recipe_defaults applies them
 
     @dataclass
     class Config:
@@ -133,18 +124,15 @@ class DKD(LogitMethod):
     @classmethod
     def recipe_defaults(cls, run: Any, settings: dict[str, Any]) -> dict[str, Any]:
         """Dataset defaults, then the pair's β, then logit standardisation (×9 on α and β, τ = 2)."""
-        ls = _switched_on(settings.get("logit_standardize"))
-        defaults = super().recipe_defaults(run, {**settings, "logit_standardize": ls})
+        defaults = super().recipe_defaults(run, {**settings, "logit_standardize": False})
         table = IMAGENET_PAIR_BETA if run.dataset == "imagefolder" else CIFAR_PAIR_BETA
         pair_beta = table.get((run.teacher, run.model))
         if pair_beta is not None:
             defaults["beta"] = pair_beta
-        if ls:
-            plain = {f.name: f.default for f in fields(cls.Config)}
-            plain.update(cls.dataset_defaults.get(run.dataset, {}), **cls.task_defaults.get(run.task, {}))
-            if pair_beta is not None:
-                plain["beta"] = pair_beta
-            defaults.update(alpha=LS_WEIGHT * plain["alpha"], beta=LS_WEIGHT * plain["beta"], temperature=LS_TEMPERATURE)
+        if settings.get("logit_standardize") is True:
+            plain = cls.Config()
+            defaults.update(alpha=LS_WEIGHT * defaults.get("alpha", plain.alpha),
+                            beta=LS_WEIGHT * defaults.get("beta", plain.beta), temperature=LS_TEMPERATURE)
         return defaults
 
     def loss(self, out: StepOutputs):

@@ -18,7 +18,6 @@ from kdzoo.errors import UserError
 from kdzoo.losses import softened_kl
 from kdzoo.method import NetOutputs, StepOutputs
 from kdzoo.registry import get_method, register_method
-from kdzoo.settings import apply_overrides
 
 from .conftest import tiny_config
 from .reference import mean_ce
@@ -286,9 +285,9 @@ CIFAR_CONFIGS = {
 
 
 def _defaults(dataset="cifar100", teacher="cifar_resnet32x4", model="cifar_resnet8x4", **settings):
-    cfg = RunConfig(method="dkd", dataset=dataset, teacher=teacher, model=model)
-    merged = {**DKD.recipe_defaults(cfg, settings), **settings}
-    return vars(apply_overrides(DKD.Config(), merged, "dkd"))
+    """The method's settings as a run resolves them (kdzoo.build.validate: defaults, then --set)."""
+    cfg = RunConfig(method="dkd", dataset=dataset, teacher=teacher, model=model, method_settings=settings)
+    return vars(validate(cfg).config)
 
 
 def test_config_defaults_are_the_official_cifar_setting():
