@@ -177,6 +177,16 @@ def test_gradient_reaches_the_student_and_a_curriculum_temperature_never_the_tea
     assert method.step_temperature.grad is not None and method.step_temperature.grad != 0
 
 
+def test_gradient_matches_finite_differences_float64():
+    z_s, z_t = pair((5, 4))
+    method = DIST(DIST.Config(temperature=2.0, beta=0.7, gamma=1.3))
+    # the distillation terms (CE is computed in float32, too coarse for finite differences)
+    def total(z):
+        terms = method.loss(step(z, z_t))
+        return terms["inter"] + terms["intra"]
+    assert torch.autograd.gradcheck(total, (z_s.clone().requires_grad_(True),))
+
+
 def test_batch_of_one_and_uniform_student_keep_finite_gradients():
     for z_s, z_t in [pair((1, 5)), (torch.zeros(3, 5, dtype=torch.float64), pair((3, 5))[1])]:
         z_s = z_s.clone().requires_grad_(True)

@@ -164,6 +164,16 @@ def test_gradient_reaches_the_student_and_a_curriculum_temperature_never_the_tea
     assert method.step_temperature.grad is not None and method.step_temperature.grad != 0
 
 
+def test_gradient_matches_finite_differences_float64():
+    z_s, z_t = pair((6, 5))
+    method = NKD(NKD.Config(temperature=2.0, gamma=1.3))
+    # the distillation terms (CE is computed in float32, too coarse for finite differences)
+    def total(z):
+        terms = method.loss(step(z, z_t, HARD))
+        return terms["target"] + terms["non_target"]
+    assert torch.autograd.gradcheck(total, (z_s.clone().requires_grad_(True),))
+
+
 def test_the_non_target_term_sends_no_gradient_to_the_target_logit():
     """Normalising removes the target class from the non-target distribution entirely."""
     z_s = pair((6, 5))[0].requires_grad_(True)
