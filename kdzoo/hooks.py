@@ -110,7 +110,7 @@ def as_feature_map(x: Tensor, model: nn.Module) -> Tensor:
         tokens = x[:, prefix:, :]
         n = tokens.shape[1]
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-        h, w = grid if grid and grid[0] * grid[1] == n else (int(math.isqrt(n)), n // max(1, int(math.isqrt(n))))
+        h, w = grid if grid and grid[0] * grid[1] == n else (math.isqrt(n), n // max(1, math.isqrt(n)))
         if h * w != n:
             raise UserError(f"cannot arrange {n} tokens into a grid for a feature map")
         return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)

@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kdzoo.methods._logit import LogitMethod
 from torch import Tensor, nn
 
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods._logit import LogitMethod
 from kdzoo.registry import get_method, register_method
 from kdzoo.settings import apply_overrides
 

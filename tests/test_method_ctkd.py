@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kdzoo.methods._logit import LogitMethod
+from kdzoo.methods.ctkd import reversal_strength
 
 from kdzoo.build import validate
 from kdzoo.checkpoint import read_checkpoint
@@ -18,8 +20,6 @@ from kdzoo.engine import Interrupted, StopFlag, run
 from kdzoo.errors import UserError
 from kdzoo.losses import softened_kl
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods._logit import LogitMethod
-from kdzoo.methods.ctkd import reversal_strength
 from kdzoo.optim import build_optimizer, split_method_groups
 from kdzoo.registry import get_method, register_method
 
