@@ -2,8 +2,9 @@
 
 A *tap* is a named point in a network: ``stages`` / ``stage1``…``stageN`` (from timm's
 ``feature_info``), ``embedding`` (the pooled features entering the classifier), ``features``
-(what timm's ``forward_features`` returns, the input of ``forward_head``) or any module path. :class:`FeatureTaps` registers one hook per tap when the context opens and removes them
-all when it closes, also on error, so a model never keeps stray hooks. Captured tensors live
+(what timm's ``forward_features`` returns, the input of ``forward_head``) or any module path.
+:class:`FeatureTaps` registers one hook per tap when the context opens and removes them all when
+it closes, also on error, so a model never keeps stray hooks. Captured tensors live
 in one dict that :meth:`FeatureTaps.pop` hands over and empties: nothing outlives the step
 that produced it, so memory cannot grow over a long run.
 """
@@ -110,7 +111,7 @@ def as_feature_map(x: Tensor, model: nn.Module) -> Tensor:
         tokens = x[:, prefix:, :]
         n = tokens.shape[1]
         grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-        h, w = grid if grid and grid[0] * grid[1] == n else (math.isqrt(n), n // max(1, math.isqrt(n)))
+        h, w = grid if grid and grid[0] * grid[1] == n else (int(math.isqrt(n)), n // max(1, int(math.isqrt(n))))
         if h * w != n:
             raise UserError(f"cannot arrange {n} tokens into a grid for a feature map")
         return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
