@@ -1,9 +1,10 @@
 """Forward hooks that read features out of any timm model without editing its code.
 
 A *tap* is a named point in a network: ``stages`` / ``stage1``…``stageN`` (from timm's
-``feature_info``), ``embedding`` (the pooled features entering the classifier) or any module
-path. :class:`FeatureTaps` registers one hook per tap when the context opens and removes them
-all when it closes, also on error, so a model never keeps stray hooks. Captured tensors live
+``feature_info``), ``embedding`` (the pooled features entering the classifier), ``features``
+(what timm's ``forward_features`` returns, the input of ``forward_head``) or any module path.
+:class:`FeatureTaps` registers one hook per tap when the context opens and removes them all when
+it closes, also on error, so a model never keeps stray hooks. Captured tensors live
 in one dict that :meth:`FeatureTaps.pop` hands over and empties: nothing outlives the step
 that produced it, so memory cannot grow over a long run.
 """
@@ -26,7 +27,7 @@ _STAGE = re.compile(r"^stage(\d+)$")
 class TapPoint:
     name: str      # the tap as a method names it: stage2, embedding, layer3.1.conv2
     module: str    # the module path the hook sits on
-    kind: str      # "output" (forward hook) or "input" (forward pre-hook)
+    kind: str      # "output" (forward hook), "input" (forward pre-hook) or "features" (forward_features)
     as_map: bool   # stage taps are normalised to (B, C, H, W) maps
 
 
@@ -83,12 +84,17 @@ def resolve_taps(model: nn.Module, names: tuple[str, ...] | list[str]) -> list[T
         if name == "embedding":
             points[name] = TapPoint(name, _classifier_path(model), "input", False)
             continue
+        if name == "features":
+            if not callable(getattr(model, "forward_features", None)):
+                raise UserError(f"model {type(model).__name__} has no forward_features, so it has no 'features' tap")
+            points[name] = TapPoint(name, "", "features", False)
+            continue
         if modules is None:
             modules = dict(model.named_modules())
         if name in modules and name:
             points[name] = TapPoint(name, name, "output", False)
             continue
-        known = ["stages", "embedding", "logits", *[k for k in modules if k]]
+        known = ["stages", "embedding", "features", "logits", *[k for k in modules if k]]
         raise UserError(
             f"tap {name!r} is not a module of {type(model).__name__}.{close_matches(name, known)} "
             "List the taps with `kdzoo hooks --model NAME`"
@@ -114,6 +120,32 @@ def as_feature_map(x: Tensor, model: nn.Module) -> Tensor:
     return x
 
 
+class _ForwardFeaturesHook:
+    """The ``features`` tap: ``model.forward_features`` wrapped by an instance attribute that
+    stores its output (no module's forward returns exactly it: EfficientNet's head conv, a ViT's
+    final norm run inside it). ``remove`` puts back what was there, so nested taps undo in order."""
+
+    def __init__(self, model: nn.Module, store: dict, name: str):
+        self.model = model
+        self.previous = model.__dict__.get("forward_features")
+        inner = model.forward_features
+
+        def forward_features(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            store[name] = out
+            return out
+
+        self.wrapper = forward_features
+        model.__dict__["forward_features"] = forward_features
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("forward_features") is self.wrapper:
+            if self.previous is None:
+                del self.model.__dict__["forward_features"]
+            else:
+                self.model.__dict__["forward_features"] = self.previous
+
+
 class FeatureTaps:
     """Context manager that captures the outputs of named taps during forward passes.
 
@@ -137,7 +169,9 @@ class FeatureTaps:
         try:
             for point in self.points:
                 module = modules[point.module]
-                if point.kind == "input":
+                if point.kind == "features":
+                    self._handles.append(_ForwardFeaturesHook(self.model, self._store, point.name))
+                elif point.kind == "input":
                     self._handles.append(module.register_forward_pre_hook(self._input_hook(point)))
                 else:
                     self._handles.append(module.register_forward_hook(self._output_hook(point)))
