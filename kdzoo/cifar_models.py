@@ -22,7 +22,8 @@ What is kept from the reference, and why:
 
 What differs: the head pools with a global average (``AdaptiveAvgPool2d(1)``) where the
 reference pools with a fixed window (8, 4 or 2 pixels). At 32×32 inputs the two are the same
-operation; at other sizes the global average still gives one vector per image. None of these
+operation; at other sizes the global average still gives one vector per image. The VGGs
+always have the 32-px layout (the reference adds a pool for 64-px inputs). None of these
 networks has pretrained weights on the timm hub (``pretrained=True`` raises).
 """
 
