@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import losses  # noqa: E402
+from . import cifar_models, losses  # noqa: E402,F401  (cifar_models registers the cifar_* timm models)
 from .errors import UserError  # noqa: E402
 from .losses import cross_entropy, kl_div  # noqa: E402
 from .method import Batch, Method, NetOutputs, StepOutputs, Taps  # noqa: E402

@@ -4,6 +4,8 @@ The small-input stem turns an ImageNet ResNet stem (7×7 stride-2 conv + max-poo
 CIFAR stem the distillation papers use (3×3 stride-1 conv, no max-pool), so ``resnet18`` on
 32-pixel images is the network those papers report, not one that sees a 8×8 map after its
 stem. It applies to timm's ResNet class, which covers ResNet, WideResNet and ResNeXt.
+The ``cifar_*`` models (:mod:`kdzoo.cifar_models`) are built for 32-pixel inputs already and
+are left as they are.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from . import cifar_models  # noqa: F401  (registers the cifar_* timm models: RepDistiller's CIFAR networks)
 from .checkpoint import read_checkpoint
 from .errors import UserError, close_matches
 from .hooks import probe_shapes, stage_entries
