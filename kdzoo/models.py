@@ -157,13 +157,18 @@ def model_info(model: nn.Module, name: str, num_classes: int, input_size: int, t
 
 
 def load_weights(model: nn.Module, path: str, what: str = "checkpoint") -> dict:
-    """Load a kdzoo checkpoint or a plain state_dict into ``model`` — safely.
+    """Load a kdzoo checkpoint, a plain state_dict or a RepDistiller/mdistiller checkpoint
+    (``{"model": state_dict, ...}``: their published CIFAR teachers) into ``model`` — safely.
 
     ``weights_only=True`` refuses pickled code, so a checkpoint from the internet cannot run
     anything on load. Any mismatch with the architecture is a UserError naming both.
     """
     state = read_checkpoint(path, what)
-    weights = state.get("student", state) if isinstance(state, dict) else state
+    weights = state
+    if isinstance(state, dict) and "student" in state:  # a kdzoo run's last.pt / best.pt
+        weights = state["student"]
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):
+        weights = state["model"]  # RepDistiller's / mdistiller's {"model": state_dict, "epoch": ..., ...}
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise UserError(f"{what} {path!r} holds no state_dict of tensors; pass a kdzoo checkpoint or a saved state_dict")
     weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}

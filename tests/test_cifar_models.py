@@ -180,3 +180,19 @@ def test_kd_run_end_to_end_with_cifar_student_and_teacher(tmp_path):
                  "--input-size", "32", "--train-size", "32", "--test-size", "16", "--batch-size", "8",
                  "--epochs", "1", "--max-steps", "2", "--device", "cpu", "--teacher-epochs", "1",
                  "--output", str(tmp_path)]) == 0
+
+
+def test_a_repdistiller_checkpoint_loads_as_a_teacher(tmp_path):
+    """RepDistiller saves {"epoch", "model": state_dict, "best_acc", "optimizer"}; kdzoo reads it as it is."""
+    from kdzoo.models import load_weights
+
+    torch.manual_seed(0)
+    source = create_model("cifar_resnet8", 100, 32)
+    optimizer = torch.optim.SGD(source.parameters(), lr=0.05, momentum=0.9)
+    path = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"epoch": 240, "model": source.state_dict(), "best_acc": torch.tensor(70.1),
+                "optimizer": optimizer.state_dict()}, path)
+    target = create_model("cifar_resnet8", 100, 32)
+    load_weights(target, str(path), "teacher checkpoint")
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
