@@ -135,6 +135,13 @@ def test_shipped_suites_expand(tmp_path):
     assert [c.method_settings for c in quick.cells if c.method == "kd"].count({"logit_standardize": True}) == 2
     cifar = load_suite(root / "cifar100.toml")
     assert all(c.dataset == "cifar100" and c.epochs == 240 and c.milestones == [150, 180, 210] for c in cifar.cells)
+    table = load_suite(root / "cifar100_table.toml")
+    assert len(table.cells) == 725 and {c.recipe for c in table.cells} == {"cifar100-repdistiller"}
+    pairs = {(c.teacher, c.model) for c in table.cells if c.teacher}
+    assert len(pairs) == 10 and ("cifar_resnet32x4", "cifar_resnet8x4") in pairs
+    assert sum(c.method == "baseline" for c in table.cells) == 75
+    imagenet_table = load_suite(root / "imagenet_table.toml")
+    assert len(imagenet_table.cells) == 18 and {c.recipe for c in imagenet_table.cells} == {"imagenet-torchvision"}
     imagenet = load_suite(root / "imagenet.toml")
     assert {(c.method, c.teacher) for c in imagenet.cells} == {("baseline", None), ("kd", "resnet34")}
     voc = load_suite(root / "voc.toml")

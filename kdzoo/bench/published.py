@@ -67,7 +67,9 @@ def lookup(method: str | None, dataset: str | None, num_classes: int | None, tea
     if data is None:
         return None
     config = method_config or {}
-    candidates = [p for p in table() if (p.method, p.dataset, p.teacher, p.student) == (method, data, teacher or "", student)
+    # a timm name with a weights tag (resnet34.tv_in1k: torchvision's weights) is that network
+    teacher, student = (teacher or "").split(".")[0], (student or "").split(".")[0]
+    candidates = [p for p in table() if (p.method, p.dataset, p.teacher, p.student) == (method, data, teacher, student)
                   and all(config.get(k) == v for k, v in p.settings)]
     # a plain row must not stand for a run of a variant some other row names
     variants = {k for p in table() if p.method == method for k, _ in p.settings}
