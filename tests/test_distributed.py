@@ -128,7 +128,7 @@ def test_two_process_gloo_run_matches_one_process_stops_together_and_resumes(tmp
 
 # the built-in methods with trainable extras (the others train the student alone, which the
 # DDP run above covers), and FRSKD's variant with its two extra rotation heads
-WITH_EXTRAS = [("nfd", []), ("lakd", []), ("frskd", []), ("frskd", ["--set", "sla=true"])]
+WITH_EXTRAS = [("nfd", []), ("lakd", []), ("frskd", []), ("frskd", ["--set", "sla=true"]), ("ctkd", [])]
 
 
 def test_the_list_holds_every_built_in_method_with_extras():
