@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import os
 import sys
+from pathlib import Path
 
 import timm
 import torch
@@ -31,6 +32,7 @@ from .errors import UserError, missing
 from .hooks import describe_all_modules, resolve_taps
 from .models import create_model, model_info
 from .recipes import RECIPES
+from .summary import render as closing_summary
 from .registry import aliases_of, get_method, load_plugin, method_names
 from .runs import RunDir
 from .settings import apply_overrides, describe, load_toml, parse_assignments
@@ -246,6 +248,7 @@ def cmd_run(args) -> int:
     summary = get_task(result.get("task", "cls")).summary(result)
     out.print(f"[bold green]done[/] {result['run_id']}: {summary}, {result['train_img_per_s']:.0f} img/s")
     out.print(f"run folder: {cfg.output}/{result['run_id']}")
+    closing_summary(result, Path(cfg.output) / result["run_id"], Path(cfg.output), args.argv, out)
     return 0
 
 
@@ -405,8 +408,6 @@ _SUFFIX = {"--csv": ".csv", "--markdown": ".md", "--plot": ".png"}
 
 
 def cmd_leaderboard(args) -> int:
-    from pathlib import Path
-
     if args.plot:
         lb.require_matplotlib()  # before any work: a missing extra is a one-line error
     for flag, path in (("--csv", args.csv), ("--markdown", args.markdown), ("--plot", args.plot)):

@@ -145,6 +145,9 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     # kdzoo (a --plugin file, a user's package), None for kdzoo's own (kdzoo's version names
     # those). Part of every run's identity, so an edited plugin never reuses an earlier result.
     source: ClassVar[str | None] = None
+    # One line the closing summary prints when a run of this method ends below the baseline of its
+    # student and recipe: why that is expected at a short budget (empty: a general note).
+    short_budget_note: ClassVar[str] = ""
 
     @dataclass
     class Config:

@@ -248,6 +248,9 @@ class FRSKD(Method):
     taps = Taps(student=["stages"])
     # spec §1.3, the segmentation setting: α = 1, β = 50, τ = 1; α = β = 0 for 40 of 60 epochs,
     # then the sigmoid ramp over the last 20 (the ramp's length is kdzoo's reading)
+    short_budget_note = ("FRSKD's self-teacher starts untrained: in the first epochs its KD (α = 2, τ = 4) and "
+                         "attention (β = 100) terms pull the classifier towards a network weaker than the labels; "
+                         "the paper trains 200 epochs (--recipe cifar100-frskd)")
     task_defaults = {"seg": {"alpha": 1.0, "beta": 50.0, "temperature": 1.0, "ramp_start": 2 / 3, "ramp_length": 1 / 3}}
 
     @dataclass
