@@ -192,12 +192,7 @@ def is_token_model(info) -> bool:
     """The official code tells CNN students from the rest by their feature shape; kdzoo's stage
     taps give every network maps, so it asks timm which family the student comes from (an
     isotropic network of unknown family counts as a token model)."""
-    try:
-        if timm.models.is_model_in_modules(info.name, TOKEN_MODULES):
-            return True
-    except Exception:  # a model timm does not know (a plugin's)
-        pass
-    return is_isotropic(info)
+    return timm.models.is_model_in_modules(info.name, TOKEN_MODULES) or is_isotropic(info)
 
 
 @register_method("ofa")
@@ -258,7 +253,7 @@ class OFA(Method):
             if self.branch_kind == "conv":
                 branches[str(k)] = conv_branch(c, k, max(student.embedding_dim, teacher.embedding_dim), classes)
             else:
-                branches[str(k)] = TokenBranch(c, int(math.isqrt(h * w)), k, student.embedding_dim, classes)
+                branches[str(k)] = TokenBranch(c, math.isqrt(h * w), k, student.embedding_dim, classes)
         self.branches = nn.ModuleDict(branches)
         init_branch(self.branches)
 
