@@ -104,7 +104,7 @@ def evaluate(target: Target, dataset: str | None = None, data_root: str | None =
         params = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
     return {
         "target": target.label, "kind": target.kind, "model": target.name, "task": target.task,
-        "dataset": name, "test_images": data.test.size,
+        "dataset": name, "test_images": _images(data.test),
         "input_size": target.input_size, "num_classes": target.num_classes,
         "metrics": {k: v for k, v in metrics.items() if k != "per_class_iou"},
         "params": params, "params_m": params / 1e6,
@@ -131,6 +131,11 @@ def measure_latency(model: nn.Module, batch: int, size: int, device: torch.devic
                 times.append(time.perf_counter() - tick)
     median = statistics.median(times)
     return {"ms": 1000 * median, "ms_min": 1000 * min(times), "img_per_s": batch / median}
+
+
+def _images(loader) -> int:
+    """Test images in ``loader`` (a segmentation loader wraps the one that counts them)."""
+    return getattr(loader, "size", None) or _images(loader.loader)
 
 
 def _device_name(device: torch.device) -> str:

@@ -207,10 +207,15 @@ def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
         raise UserError(f"{missing('export', path)}; pass the .json or .safetensors file kdzoo export wrote")
     if path.suffix == ".json":
         json_path = path
-    else:
+    elif path.suffix in FORMATS.values():
         json_path = path.with_suffix(".json")
-        if not json_path.is_file() and path.suffix == ".safetensors":
-            return _header_record(path), path
+        if not json_path.is_file():
+            if path.suffix == ".safetensors":
+                return _header_record(path), path
+            raise UserError(f"{str(path)!r} has no {json_path.name} beside it; keep the JSON kdzoo export wrote with it")
+    else:
+        raise UserError(f"{str(path)!r} is not a kdzoo export (expected the .json or .safetensors file kdzoo export "
+                        "wrote) nor a run folder")
     try:
         record = json.loads(json_path.read_text())
     except (OSError, ValueError) as e:
