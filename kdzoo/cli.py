@@ -57,6 +57,14 @@ def _epoch_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expects whole epochs separated by commas, e.g. 150,180,210, got {text!r}") from None
 
 
+def _batch_list(text: str) -> list[int]:
+    """``1,64`` → ``[1, 64]``: the batch sizes ``kdzoo eval`` times."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects batch sizes separated by commas, e.g. 1,64, got {text!r}") from None
+
+
 def _bool_flag(parser, name: str, help: str, default=None):
     parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=default, help=help)
 
@@ -190,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256, help="evaluation batch (default 256)")
     ev.add_argument("--warmup", type=int, default=3, help="untimed forward passes before timing (default 3)")
     ev.add_argument("--repeats", type=int, default=10, help="timed forward passes per batch size; the median is shown (default 10)")
+    ev.add_argument("--latency-batches", type=_batch_list, default=[1, 64], metavar="1,64",
+                    help="batch sizes whose latency is timed (default 1,64)")
     ev.add_argument("--json", action="store_true", help="print the measurement as JSON on stdout")
 
     board = sub.add_parser("leaderboard", help="group the runs under a folder by recipe: mean ± std over seeds")
@@ -487,7 +497,7 @@ def cmd_eval(args) -> int:
     target = open_target(args.target, args.which)
     with console.status("evaluating"):
         result = evaluate(target, args.dataset, args.data_root, args.test_size, args.device, args.batch_size,
-                          args.warmup, args.repeats)
+                          args.warmup, args.repeats, tuple(args.latency_batches))
     if args.json:
         print(strict_json(result))
     else:

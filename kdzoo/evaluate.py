@@ -77,12 +77,15 @@ def open_target(path: str | Path, which: str = "last") -> Target:
 
 
 def evaluate(target: Target, dataset: str | None = None, data_root: str | None = None, test_size: int | None = None,
-             device: str = "auto", batch_size: int = 256, warmup: int = 3, repeats: int = 10) -> dict[str, Any]:
+             device: str = "auto", batch_size: int = 256, warmup: int = 3, repeats: int = 10,
+             latency_batches: tuple[int, ...] = LATENCY_BATCHES) -> dict[str, Any]:
     """The target's test metrics, parameter count and latency as one flat-ish record (``--json``)."""
     for flag, value, least in (("--batch-size", batch_size, 1), ("--repeats", repeats, 1), ("--warmup", warmup, 0),
                                ("--test-size", test_size, 1)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
+    if not latency_batches or any(b < 1 for b in latency_batches):
+        raise UserError(f"--latency-batches must be batch sizes of at least 1, got {list(latency_batches)}; pass e.g. 1,64")
     dev = resolve_device(device)
     name = dataset or target.dataset
     spec = get_dataset(name, target.task)
@@ -98,7 +101,7 @@ def evaluate(target: Target, dataset: str | None = None, data_root: str | None =
     model = target.model.to(dev).eval()
     inputs = Inputs(target.mean, target.std, dev, amp=False, channels_last=False)
     metrics = get_task(target.task).evaluate(model, data, inputs)
-    latency = {f"batch{b}": measure_latency(model, b, target.input_size, dev, warmup, repeats) for b in LATENCY_BATCHES}
+    latency = {f"batch{b}": measure_latency(model, b, target.input_size, dev, warmup, repeats) for b in latency_batches}
     params = sum(p.numel() for p in model.parameters())
     if params == 0 and isinstance(model, torch.jit.ScriptModule):
         params = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())

@@ -116,35 +116,55 @@ def test_the_safetensors_header_alone_describes_the_export(runs, tmp_path):
 
 
 def _eval(target, capsys, *extra) -> dict:
+    """``kdzoo eval --json``; latency at batch 1 and 2 only, once each (the CPU is shared in CI)."""
     capsys.readouterr()
-    assert main(["eval", str(target), "--json", "--repeats", "2", "--warmup", "1", *extra]) == 0
+    assert main(["eval", str(target), "--json", "--repeats", "1", "--warmup", "0", "--latency-batches", "1,2",
+                 *extra]) == 0
     return json.loads(capsys.readouterr().out)
 
 
-def test_eval_of_a_run_and_of_its_export_agree(runs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def run_eval(runs):
+    """kdzoo eval of the ResNet run folder (its last.pt), once for the module."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", str(runs["test_resnet"]), "--json", "--repeats", "1", "--warmup", "0",
+                     "--latency-batches", "1,2"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_eval_of_a_run_and_of_its_export_agree(runs, run_eval, tmp_path, capsys):
     run = runs["test_resnet"]
     _export(run, tmp_path / "r.safetensors")
-    of_run = _eval(run, capsys)
     of_export = _eval(tmp_path / "r.json", capsys)
-    of_weights = _eval(tmp_path / "r.safetensors", capsys)
-    assert of_run["kind"] == "run" and of_export["kind"] == "export"
-    assert of_run["metrics"] == of_export["metrics"] == of_weights["metrics"]
-    assert of_run["params"] == of_export["params"] > 0
-    assert of_run["test_images"] == 32
+    of_weights = _eval(tmp_path / "r.safetensors", capsys)  # the JSON found beside it
+    assert run_eval["kind"] == "run" and of_export["kind"] == "export"
+    assert run_eval["metrics"] == of_export["metrics"] == of_weights["metrics"]
+    assert run_eval["params"] == of_export["params"] > 0
+    assert run_eval["test_images"] == 32
     # the figure result.json recorded at the end of training (there with channels_last; here contiguous)
-    assert abs(of_run["metrics"]["top1"] - json.loads((run / "result.json").read_text())["top1"]) <= 100 / 32
-    for result in (of_run, of_export):
-        assert set(result["latency"]) == {"batch1", "batch64"}
+    assert abs(run_eval["metrics"]["top1"] - json.loads((run / "result.json").read_text())["top1"]) <= 100 / 32
+    for result in (run_eval, of_export):
+        assert set(result["latency"]) == {"batch1", "batch2"}
         assert all(lat["ms"] > 0 and lat["img_per_s"] > 0 for lat in result["latency"].values())
 
 
-def test_torchscript_export_loads_and_evaluates_without_timm(runs, tmp_path, capsys):
+def test_eval_times_batch_1_and_64_by_default():
+    from kdzoo.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "runs/x"]).latency_batches == [1, 64]
+
+
+def test_torchscript_export_loads_and_evaluates_without_timm(runs, run_eval, tmp_path, capsys):
     record = _export(runs["test_resnet"], tmp_path / "r.pt", "--format", "torchscript")
     assert record["weights_format"] == "torchscript"
     with torch.no_grad():
         logits = torch.jit.load(str(tmp_path / "r.pt")).eval()(_example())
     torch.testing.assert_close(logits, _checkpoint_logits(runs["test_resnet"]), atol=1e-5, rtol=1e-5)
-    assert _eval(tmp_path / "r.json", capsys)["metrics"] == _eval(runs["test_resnet"], capsys)["metrics"]
+    assert _eval(tmp_path / "r.json", capsys)["metrics"] == run_eval["metrics"]
 
 
 def test_an_incomplete_run_is_exported_only_when_asked(runs, tmp_path, capsys):
@@ -211,6 +231,7 @@ def _bad_cases(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["eval", str(tmp / "broken.json")], "not readable JSON"),
         (["eval", str(tmp / "plain")], "not a kdzoo run folder"),
         (["eval", str(run), "--batch-size", "0"], "--batch-size"),
+        (["eval", str(run), "--latency-batches", "1,x"], "batch sizes"),
         (["eval", str(run), "--dataset", "cifar10"], "--data-root"),
         (["eval", str(run), "--dataset", "nope"], "unknown dataset"),
     ]
