@@ -20,6 +20,7 @@ batch. A mismatch is a bug in kdzoo (exit 1) and the written files are removed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -193,8 +194,10 @@ def load_snippet(record: dict[str, Any]) -> str:
                 f"small_input_stem={record['small_input_stem']}, task={record['task']!r}); "
                 f"model.load_state_dict(safetensors.torch.load_file({weights!r})); model.eval()")
     first = f"import {record['needs_import']}; " if record["needs_import"] else ""
+    overlay = record["pretrained_cfg_overlay"]
+    items = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v!r}" for k, v in overlay.items())
     return (f"{first}import timm; model = timm.create_model({record['timm_model']!r}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file={weights!r}, num_classes={record['num_classes']})).eval()")
+            f"pretrained_cfg_overlay=dict(file={weights!r}, {items})).eval()")
 
 
 # -- loading an export --------------------------------------------------------------------
@@ -269,17 +272,20 @@ def load_export(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not timm.is_model(record["timm_model"]):
         raise UserError(f"timm has no model {record['timm_model']!r} (timm {timm.__version__}; the export was made with "
                         f"timm {record.get('timm_version')}); install that timm version")
-    model = timm.create_model(record["timm_model"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(weights), num_classes=record["num_classes"]))
+    overlay = {**record["pretrained_cfg_overlay"], "file": str(weights)}
+    overlay["input_size"] = tuple(overlay["input_size"])  # a fixed-size model (ViT) is built at this size
+    model = timm.create_model(record["timm_model"], pretrained=True, pretrained_cfg_overlay=overlay)
     return model.eval(), record
 
 
 # -- writing ------------------------------------------------------------------------------
 
 def output_paths(student: Student, out: str | None, fmt: str) -> tuple[Path, Path]:
-    """(weights file, JSON) for ``--out``; default ``<run>/export/<run-id>-<which><suffix>``."""
+    """(weights file, JSON) for ``--out``; default ``<run>/export/<run-id>-<which><suffix>`` (``-onnx``,
+    ``-torchscript`` added to the name for those formats, so that their JSON never takes the safetensors export's name)."""
     suffix = FORMATS[fmt]
-    path = Path(out) if out else student.run / "export" / f"{student.run_id}-{student.which}{suffix}"
+    tag = "" if fmt == "safetensors" else f"-{fmt}"
+    path = Path(out) if out else student.run / "export" / f"{student.run_id}-{student.which}{tag}{suffix}"
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; pass a file path such as {path / (student.run_id + suffix)}")
     if path.suffix != suffix:
@@ -357,7 +363,8 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, folder: Path) -> bytes:
     fd, tmp = tempfile.mkstemp(prefix=".export.", suffix=".onnx.tmp", dir=folder)
     os.close(fd)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        # the exporter prints its progress on stdout, which belongs to kdzoo's own report
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), tmp, input_names=["images"], output_names=["logits"],
                               dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, external_data=False)

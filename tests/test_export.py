@@ -167,6 +167,14 @@ def test_torchscript_export_loads_and_evaluates_without_timm(runs, run_eval, tmp
     assert _eval(tmp_path / "r.json", capsys)["metrics"] == run_eval["metrics"]
 
 
+def test_onnx_export_passes_the_onnx_checker(runs, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    record = _export(runs["test_efficientnet"], tmp_path / "e.onnx", "--format", "onnx")
+    assert record["weights_format"] == "onnx" and record["load"].startswith("import onnxruntime")
+    onnx.checker.check_model(str(tmp_path / "e.onnx"))
+
+
 def test_an_incomplete_run_is_exported_only_when_asked(runs, tmp_path, capsys):
     run = tmp_path / "stopped"
     shutil.copytree(runs["test_resnet"], run)
