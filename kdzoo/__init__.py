@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from . import cifar_models, losses  # noqa: E402,F401  (cifar_models registers the cifar_* timm models)
+# cifar_models registers the cifar_* timm models; stem registers <resnet name>_smallstem (docs/export.md)
+from . import cifar_models, losses, stem  # noqa: E402,F401
 from .errors import UserError  # noqa: E402
 from .losses import cross_entropy, kl_div  # noqa: E402
 from .method import Batch, Method, NetOutputs, StepOutputs, Taps  # noqa: E402

@@ -29,6 +29,9 @@ from .config import RunConfig, refuse_computed
 from .data import dataset_specs
 from .engine import Interrupted, StopFlag, run, stop_on_signals
 from .errors import UserError, missing
+from .evaluate import evaluate, open_target
+from .evaluate import print_report as print_eval
+from .export import FORMATS, check_export_format, export, read_run
 from .hooks import describe_all_modules, resolve_taps
 from .models import create_model, model_info
 from .recipes import RECIPES
@@ -54,6 +57,14 @@ def _epoch_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects whole epochs separated by commas, e.g. 150,180,210, got {text!r}") from None
+
+
+def _batch_list(text: str) -> list[int]:
+    """``1,64`` → ``[1, 64]``: the batch sizes ``kdzoo eval`` times."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects batch sizes separated by commas, e.g. 1,64, got {text!r}") from None
 
 
 def _bool_flag(parser, name: str, help: str, default=None):
@@ -166,6 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
     speed.add_argument("--json", action="store_true", help="print the measurement as JSON on stdout")
     speed.set_defaults(resume=False)
+
+    exp = sub.add_parser("export", help="write a run's student as safetensors (or ONNX, TorchScript) plus a JSON record")
+    exp.add_argument("run", metavar="RUN", help="a run folder, e.g. runs/<run-id>")
+    exp.add_argument("--out", default=None, metavar="FILE",
+                     help="the weights file (default <RUN>/export/<run-id>-<which>.safetensors); the JSON goes beside it")
+    exp.add_argument("--which", choices=["last", "best"], default="last",
+                     help="last: the final weights (result.json's top-1; default); best: the best epoch's")
+    exp.add_argument("--format", choices=list(FORMATS), default="safetensors",
+                     help="safetensors (default; loads with timm.create_model), onnx (needs the export extra), torchscript")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out file and its JSON")
+    exp.add_argument("--allow-incomplete", action="store_true",
+                     help="export a run that has not finished (no result.json) as it is now, with a warning")
+
+    ev = sub.add_parser("eval", help="test metrics, parameters and latency of a run folder or an export")
+    ev.add_argument("target", metavar="RUN|FILE", help="a run folder, or the .json / .safetensors of kdzoo export")
+    ev.add_argument("--which", choices=["last", "best"], default="last", help="a run folder's checkpoint (default last)")
+    ev.add_argument("--dataset", default=None, help="evaluate on this dataset's test split (default: the run's)")
+    ev.add_argument("--data-root", default=None, help="folder holding the dataset (default: the run's)")
+    ev.add_argument("--test-size", type=int, default=None, help="use the first N test images (default: as the run did)")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ev.add_argument("--batch-size", type=int, default=256, help="evaluation batch (default 256)")
+    ev.add_argument("--warmup", type=int, default=3, help="untimed forward passes before timing (default 3)")
+    ev.add_argument("--repeats", type=int, default=10, help="timed forward passes per batch size; the median is shown (default 10)")
+    ev.add_argument("--latency-batches", type=_batch_list, default=[1, 64], metavar="1,64",
+                    help="batch sizes whose latency is timed (default 1,64)")
+    ev.add_argument("--json", action="store_true", help="print the measurement as JSON on stdout")
 
     board = sub.add_parser("leaderboard", help="group the runs under a folder by recipe: mean ± std over seeds")
     board.add_argument("--runs", default="runs", help="folder to scan recursively (default runs/)")
@@ -433,6 +470,42 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rich.console import Console
+
+    check_export_format(args.format)  # a missing extra is refused before any work
+    student = read_run(args.run, args.which)
+    console = Console(stderr=True)
+    if not student.complete:
+        if not args.allow_incomplete:
+            raise UserError(f"run {student.run_id} is incomplete (no result.json): its {student.checkpoint.name} is not "
+                            "the finished student; finish it with `kdzoo run ... --resume`, or pass --allow-incomplete "
+                            "to export it as it is")
+        console.print(f"[yellow]warning:[/] run {student.run_id} is incomplete; exporting its {student.checkpoint.name} "
+                      "as it is now (the record says complete: false)")
+    record = export(student, args.out, args.format, args.overwrite)
+    out = Console()
+    out.print(f"[bold green]exported[/] {student.run_id} ({student.checkpoint.name}) as {args.format}: {record['path']}", soft_wrap=True)
+    out.print(f"record: {record['json']}", soft_wrap=True)
+    out.print(f"load: {record['load']}", soft_wrap=True)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    target = open_target(args.target, args.which)
+    with console.status("evaluating"):
+        result = evaluate(target, args.dataset, args.data_root, args.test_size, args.device, args.batch_size,
+                          args.warmup, args.repeats, tuple(args.latency_batches))
+    if args.json:
+        print(strict_json(result))
+    else:
+        print_eval(result, Console())
+    return 0
+
+
 def _name() -> str:
     """How messages are signed: "kdzoo", or "kdzoo[rank N]" from the other processes of a DDP run."""
     rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
@@ -476,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks, "bench": cmd_bench,
-                   "leaderboard": cmd_leaderboard, "speed": cmd_speed}[args.command]
+                   "leaderboard": cmd_leaderboard, "speed": cmd_speed, "export": cmd_export,
+                   "eval": cmd_eval}[args.command]
         return handler(args)
     except UserError as e:
         print(f"{_name()}: error: {e}", file=sys.stderr)

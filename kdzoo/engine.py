@@ -522,6 +522,7 @@ class Trainer:
             "teacher_source": ctx.teacher_source,
             "recipe": ctx.extras.get("recipe"),
             "data": {"num_classes": ctx.data.num_classes, "input_size": ctx.data.input_size,
+                     "mean": list(ctx.data.mean), "std": list(ctx.data.std),  # what `kdzoo export` records
                      "train_images": len(ctx.data.train) * self.cfg.batch_size, "augment": repr(ctx.data.augment)},
             "versions": versions(), "machine": machine(), "git_commit": git_commit(), "command": command_line(),
             "world_size": self.world,

@@ -1,10 +1,9 @@
 """timm models by name, the small-input stem, and what methods need to know about a model.
 
-The small-input stem turns an ImageNet ResNet stem (7×7 stride-2 conv + max-pool) into the
-CIFAR stem the distillation papers use (3×3 stride-1 conv, no max-pool), so ``resnet18`` on
-32-pixel images is the network those papers report, not one that sees a 8×8 map after its
-stem. It applies to timm's ResNet class, which covers ResNet, WideResNet and ResNeXt.
-The ``cifar_*`` models (:mod:`kdzoo.cifar_models`) are built for 32-pixel inputs already and
+The small-input stem (:mod:`kdzoo.stem`) turns an ImageNet ResNet stem (7×7 stride-2 conv +
+max-pool) into the CIFAR stem the distillation papers use (3×3 stride-1 conv, no max-pool), so
+``resnet18`` on 32-pixel images is the network those papers report, not one that sees a 8×8
+map after its stem. The ``cifar_*`` models (:mod:`kdzoo.cifar_models`) are built for 32-pixel inputs already and
 are left as they are.
 """
 
@@ -21,8 +20,7 @@ from .checkpoint import read_checkpoint
 from .errors import UserError, close_matches
 from .hooks import probe_shapes, stage_entries
 from .segmentation import SegmentationModel
-
-SMALL_INPUT_MAX = 64
+from .stem import SMALL_INPUT_MAX, apply_small_input_stem, has_small_stem, supports_small_stem  # noqa: F401  (registers *_smallstem)
 
 
 @dataclass
@@ -54,26 +52,6 @@ def check_model_name(name: str) -> None:
             f"unknown model {name!r}.{close_matches(name, timm.list_models())} "
             "Any timm model name works; search them with `kdzoo list models PATTERN`"
         )
-
-
-def supports_small_stem(model: nn.Module) -> bool:
-    return isinstance(model, timm.models.ResNet)
-
-
-def apply_small_input_stem(model: nn.Module) -> nn.Module:
-    """3×3 stride-1 first conv and no max-pool (ResNet family); reductions updated to match."""
-    if not supports_small_stem(model):
-        return model
-    conv1 = model.conv1
-    if isinstance(conv1, nn.Conv2d):
-        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, 1, 1, bias=False)
-    else:  # deep stem (resnet*d / *t): three 3×3 convs, the first with stride 2
-        first = conv1[0]
-        first.stride = (1, 1)
-    model.maxpool = nn.Identity()
-    for entry in model.feature_info:
-        entry["reduction"] = max(1, entry["reduction"] // 4)
-    return model
 
 
 def _needs_img_size(name: str) -> bool:
