@@ -103,6 +103,7 @@ def render(result: dict[str, Any], run_folder: Path, output: Path, argv: list[st
         console.print(f"  {baseline_command(argv)}", soft_wrap=True, highlight=False)
     console.print("[dim]next:[/]")
     console.print(f"  kdzoo leaderboard --runs {shlex.quote(str(output))}", soft_wrap=True, highlight=False)
+    console.print(f"  kdzoo export {shlex.quote(str(run_folder))}", soft_wrap=True, highlight=False)
     console.print(f"  kdzoo plot {shlex.quote(str(run_folder))}", soft_wrap=True, highlight=False)
 
 
