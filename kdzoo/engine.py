@@ -347,7 +347,9 @@ class Trainer:
                     (FeatureTaps(self.teacher, self.method.taps.teacher) if self.teacher is not None else contextlib.nullcontext()) as t_taps:
                 self.s_taps, self.t_taps = s_taps, t_taps
                 self.train_step = self._train_step(s_taps, t_taps)
-                while self.epoch < cfg.epochs and self.global_step < self.total_steps:
+                # an epoch whose steps are all done but which was not closed (a stop at its last step,
+                # checkpointed before the evaluation) is closed on resume: step_in_epoch > 0
+                while self.epoch < cfg.epochs and (self.global_step < self.total_steps or self.step_in_epoch > 0):
                     self._train_epoch()
                     self._end_epoch()
         except NonFiniteLoss as e:

@@ -85,6 +85,40 @@ def test_stop_then_resume_matches_uninterrupted(tmp_path, quiet_console):
     assert [[r[c] for c in columns] for r in cut] == [[r[c] for c in columns] for r in uncut]
 
 
+@register_method("test_stop_at_last_step")
+class StopAtLastStep(Method):
+    """Baseline that raises the stop flag at the run's very last step (step 11 of 2 × 6)."""
+
+    flag: StopFlag | None = None
+
+    @dataclass
+    class Config:
+        pass
+
+    def loss(self, out):
+        if out.step == 11 and StopAtLastStep.flag is not None and not StopAtLastStep.flag:
+            StopAtLastStep.flag.signal_name = "SIGTERM"
+        return {"ce": cross_entropy(out.student.logits, out.targets)}
+
+
+def test_a_stop_at_the_last_step_resumes_into_the_last_evaluation(tmp_path, quiet_console):
+    """The checkpoint is written before the last epoch closes: --resume must still evaluate it and
+    write its metrics row, not find every step done and skip the epoch's end."""
+    full = run(tiny_config(tmp_path, method="test_stop_at_last_step", run_name="full"), console=quiet_console)
+    StopAtLastStep.flag = StopFlag()
+    with pytest.raises(Interrupted):
+        run(tiny_config(tmp_path, method="test_stop_at_last_step", run_name="cut"), console=quiet_console,
+            stop=StopAtLastStep.flag)
+    assert read_checkpoint(tmp_path / "runs" / "cut" / "last.pt")["global_step"] == 12
+    StopAtLastStep.flag = None
+    resumed = run(tiny_config(tmp_path, method="test_stop_at_last_step", run_name="cut"), resume=True, console=quiet_console)
+    assert (resumed["epochs"], resumed["steps"], resumed["top1"]) == (full["epochs"], full["steps"], full["top1"])
+    assert resumed["final_train_loss"] == pytest.approx(full["final_train_loss"], rel=1e-6)
+    columns = ["epoch", "train_loss", "test_loss", "test_top1"]
+    cut, uncut = _metrics(tmp_path / "runs" / "cut"), _metrics(tmp_path / "runs" / "full")
+    assert [[r[c] for c in columns] for r in cut] == [[r[c] for c in columns] for r in uncut]
+
+
 def test_sigterm_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
     args = [sys.executable, "-m", "kdzoo", *tiny_args(tmp_path, "--epochs", "12", "--run-name", "sig")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
