@@ -134,8 +134,7 @@ def _toy(case, config=None, seed=7, teacher_grad=False):
 def test_levels_match_the_independent_reference(case):
     method, out, fs, ft = _toy(case)
     got = [v.item() for v in method.level_losses(out)]
-    fused, expected = None, []
-    outputs = []
+    fused, outputs = None, []
     for i in reversed(range(len(fs))):
         y, fused = _ref_abf(method.abfs[i], fs[i].detach(), fused, method.out_sizes[i])
         outputs.insert(0, y)
@@ -213,7 +212,6 @@ def test_widths_and_sizes_are_the_official_ones_on_the_published_pairs():
     """resnet32x4→resnet8x4 (CIFAR build_review_kd 'x4': in = out = [64,128,256,256], shapes
     [1,8,16,32]) and ResNet-34→ResNet-18 (ImageNet: [64,128,256,512,512], shapes [1,7,14,28,56],
     mid 512), both listed deep → shallow in the official code."""
-    method = ReviewKD()
     student, teacher = create_model("cifar_resnet8x4", 100, 32), create_model("cifar_resnet32x4", 100, 32)
     method = ReviewKD(ReviewKD.Config())
     method.setup(model_info(student, "cifar_resnet8x4", 100, 32, method.taps.student),
