@@ -392,12 +392,17 @@ def cmd_hooks(args) -> int:
     info = model_info(model, args.model, args.num_classes, args.input_size)
     last = "embedding" if args.task == "cls" else "decoder"
     points = {p.name: p for p in resolve_taps(model, ["stages", last])}
+    preact = resolve_taps(model, ["preact_stages"]) if info.stage_names else []
     table = Table(title=f"taps of {args.model} at {args.input_size}×{args.input_size}")
     for column in ("tap", "module", "output shape (C×H×W)"):
         table.add_column(column)
     for name in [*info.stage_names, last]:
         point = points.get(name)
         table.add_row(name, point.module + (" (input)" if point.kind == "input" else ""), "×".join(map(str, info.shapes[name])))
+    for point, stage in zip(preact, info.stage_names):
+        where = (f"{point.module} ({point.kind}, before the ReLU)" if point.clone
+                 else f"= {stage} (no pre-activation point known)")
+        table.add_row(point.name, where, "×".join(map(str, info.shapes[stage])))
     table.add_row("logits", "(model output)", "×".join(map(str, info.shapes["logits"])))
     console = Console()
     console.print(table)

@@ -1,7 +1,8 @@
 """Forward hooks that read features out of any timm model without editing its code.
 
 A *tap* is a named point in a network: ``stages`` / ``stage1``…``stageN`` (from timm's
-``feature_info``), ``embedding`` (the pooled features entering the classifier), ``features``
+``feature_info``), ``preact_stages`` / ``preact_stage1``…``preact_stageN`` (each stage's map
+before its final activation, see :func:`preact_points`), ``embedding`` (the pooled features entering the classifier), ``features``
 (what timm's ``forward_features`` returns, the input of ``forward_head``) or any module path.
 :class:`FeatureTaps` registers one hook per tap when the context opens and removes them all when
 it closes, also on error, so a model never keeps stray hooks. Captured tensors live
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from .errors import UserError, close_matches
 
 _STAGE = re.compile(r"^stage(\d+)$")
+_PREACT = re.compile(r"^preact_stage(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class TapPoint:
     module: str    # the module path the hook sits on
     kind: str      # "output" (forward hook), "input" (forward pre-hook) or "features" (forward_features)
     as_map: bool   # stage taps are normalised to (B, C, H, W) maps
+    clone: bool = False  # store a copy: the next module (an in-place ReLU) overwrites the tensor
 
 
 def stage_entries(model: nn.Module) -> list[dict]:
@@ -49,6 +52,76 @@ def stage_entries(model: nn.Module) -> list[dict]:
     if len(entries) > 1 and reductions[0] <= 2 and max(reductions) > reductions[0]:
         entries = entries[1:]
     return entries
+
+
+def _last_child(module: nn.Module) -> tuple[str, nn.Module] | None:
+    children = list(module.named_children()) if isinstance(module, nn.Sequential) else []
+    return children[-1] if children else None
+
+
+def _preact_module(model: nn.Module, modules: dict[str, nn.Module], paths: list[str], index: int) -> tuple[str, str] | None:
+    """(module path, hook kind) where stage ``index`` (0-based) is still pre-activation, or None.
+
+    Known cases, each the tensor RepDistiller's ``is_feat=True, preact=True`` (and ReviewKD's
+    ImageNet ResNet) hands over:
+
+    * a residual block ending in ``act(sum)``, the last block of the stage (timm's ResNet
+      family and the cifar_* ResNets: ``BasicBlock.act2``, ``Bottleneck.act3``): the input
+      of that activation, i.e. the residual sum;
+    * a stage whose last module is a ReLU (cifar_vgg*): the ReLU's input;
+    * the cifar_wrn_* pre-activation WideResNets, whose stage output is a raw sum that the next
+      block's ``bn1`` (the final ``bn1`` after the last stage) normalises before its ReLU: that
+      BN's output, as RepDistiller computes ``block{k+1}.layer[0].bn1(f_k)``.
+    """
+    from timm.models import resnet as timm_resnet
+
+    from . import cifar_models
+
+    if isinstance(model, cifar_models.WideResNet):
+        nxt = f"{paths[index + 1]}.layer.0.bn1" if index + 1 < len(paths) else "bn1"
+        return (nxt, "output") if nxt in modules else None
+    path = paths[index]
+    last = _last_child(modules[path])
+    if last is None:
+        return None
+    name, block = last
+    if isinstance(block, nn.ReLU):
+        return f"{path}.{name}", "input"
+    for kinds, act in (((timm_resnet.BasicBlock, cifar_models.BasicBlock), "act2"),
+                       ((timm_resnet.Bottleneck, cifar_models.Bottleneck), "act3")):
+        if isinstance(block, kinds) and isinstance(getattr(block, act, None), nn.Module):
+            return f"{path}.{name}.{act}", "input"
+    return None
+
+
+def preact_points(model: nn.Module) -> list[TapPoint]:
+    """``preact_stage1``…``preact_stageN``: each stage's map before its final activation.
+
+    Where kdzoo knows the network's pre-activation point (:func:`_preact_module`) the tap hooks
+    it and stores a copy (the in-place ReLU that follows would overwrite it). Elsewhere the tap
+    is the stage output itself (``TapPoint.module`` is the stage's module, ``clone`` False):
+    for ViTs, ConvNeXts and EfficientNets, whose blocks end in a residual sum or a linear
+    projection with no activation after it, that *is* the pre-activation map; for any other
+    network (e.g. the cifar ShuffleNets, which apply ``torch.relu`` functionally) it is the
+    post-activation map, the closest available. :func:`preact_is_stage_output` tells which.
+    """
+    entries = stage_entries(model)
+    modules = dict(model.named_modules())
+    paths = [e["module"] for e in entries]
+    points = []
+    for i, path in enumerate(paths):
+        found = _preact_module(model, modules, paths, i)
+        if found is None:
+            points.append(TapPoint(f"preact_stage{i + 1}", path, "output", True))
+        else:
+            points.append(TapPoint(f"preact_stage{i + 1}", found[0], found[1], True, clone=True))
+    return points
+
+
+def preact_is_stage_output(model: nn.Module) -> list[bool]:
+    """Per stage: True where ``preact_stageK`` falls back to the stage output (no pre-activation
+    point known, see :func:`preact_points`)."""
+    return [not p.clone for p in preact_points(model)]
 
 
 def _classifier_path(model: nn.Module) -> str:
@@ -81,6 +154,20 @@ def resolve_taps(model: nn.Module, names: tuple[str, ...] | list[str]) -> list[T
                 )
             points[name] = TapPoint(name, entries[index - 1]["module"], "output", True)
             continue
+        if name == "preact_stages":
+            for point in preact_points(model):
+                points[point.name] = point
+            continue
+        match = _PREACT.match(name)
+        if match:
+            preact = preact_points(model)
+            index = int(match.group(1))
+            if not 1 <= index <= len(preact):
+                raise UserError(
+                    f"tap {name!r} does not exist on {type(model).__name__}: it has preact_stage1..preact_stage{len(preact)}"
+                )
+            points[name] = preact[index - 1]
+            continue
         if name == "embedding":
             points[name] = TapPoint(name, _classifier_path(model), "input", False)
             continue
@@ -94,7 +181,7 @@ def resolve_taps(model: nn.Module, names: tuple[str, ...] | list[str]) -> list[T
         if name in modules and name:
             points[name] = TapPoint(name, name, "output", False)
             continue
-        known = ["stages", "embedding", "features", "logits", *[k for k in modules if k]]
+        known = ["stages", "preact_stages", "embedding", "features", "logits", *[k for k in modules if k]]
         raise UserError(
             f"tap {name!r} is not a module of {type(model).__name__}.{close_matches(name, known)} "
             "List the taps with `kdzoo hooks --model NAME`"
@@ -193,15 +280,17 @@ class FeatureTaps:
         store, model = self._store, self.model
 
         def hook(module, args, output):
-            store[point.name] = as_feature_map(output, model) if point.as_map else output
+            value = as_feature_map(output, model) if point.as_map else output
+            store[point.name] = value.clone() if point.clone else value
 
         return hook
 
     def _input_hook(self, point: TapPoint):
-        store = self._store
+        store, model = self._store, self.model
 
         def hook(module, args):
-            store[point.name] = args[0]
+            value = as_feature_map(args[0], model) if point.as_map else args[0]
+            store[point.name] = value.clone() if point.clone else value
 
         return hook
 
