@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from kdzoo.methods.crd import draw_negatives
 
 from kdzoo.build import validate
 from kdzoo.checkpoint import read_checkpoint
@@ -18,7 +19,6 @@ from kdzoo.config import RunConfig
 from kdzoo.engine import Interrupted, StopFlag, run
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods.crd import draw_negatives
 from kdzoo.models import ModelInfo, create_model
 from kdzoo.registry import get_method, register_method
 
@@ -49,7 +49,7 @@ def _norm(v):
 def _ref_step(bank_s, bank_t, z, v_s, v_t, index, negatives, tau, momentum, n_data):
     """(loss, z, bank_s, bank_t) after one step, with explicit loops."""
     idx = [[i] + list(neg) for i, neg in zip(index, negatives)]
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))
     s_sc = [[math.exp(dot(bank_t[j], v_s[b]) / tau) for j in row] for b, row in enumerate(idx)]
     t_sc = [[math.exp(dot(bank_s[j], v_t[b]) / tau) for j in row] for b, row in enumerate(idx)]
     if z is None:
@@ -380,3 +380,45 @@ def test_cli_refuses_segmentation(shared_output, capsys):
     code, _ = _cli(shared_output, "test_resnet", "test_resnet", "--task", "seg")
     assert code == 2
     assert "crd" in capsys.readouterr().err
+
+
+# -- what kdzoo gives the method: the training set, and DDP leaving its banks alone -------------------
+
+def test_model_info_carries_the_training_set_size_and_labels():
+    from kdzoo.data.loaders import InMemoryLoader, TorchLoader, dataset_labels
+    from kdzoo.models import model_info
+
+    targets = torch.tensor([4, 1, 1, 0, 2, 3])
+    loader = InMemoryLoader(torch.zeros(6, 3, 8, 8, dtype=torch.uint8), targets, 2, shuffle=True)
+    info = model_info(create_model("test_resnet", 5, 8), "test_resnet", 5, 8, ("embedding",), loader)
+    assert info.train_size == 6 and torch.equal(info.train_labels, targets)
+    assert model_info(create_model("test_resnet", 5, 8), "test_resnet", 5, 8).train_size is None
+
+    class Folder(torch.utils.data.Dataset):
+        targets = [3, 1, 4, 1, 5, 9]
+
+        def __len__(self):
+            return 6
+
+    subset = torch.utils.data.Subset(torch.utils.data.Subset(Folder(), [5, 4, 3, 2]), [0, 2])
+    assert dataset_labels(subset).tolist() == [9, 1]
+    assert TorchLoader(subset, 1, shuffle=False, workers=0).labels().tolist() == [9, 1]
+    assert dataset_labels(torch.utils.data.TensorDataset(torch.zeros(3, 1))) is None  # no targets list
+    masks = InMemoryLoader(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long), 1, shuffle=False)
+    assert masks.labels() is None
+
+
+def test_ddp_leaves_the_banks_to_the_method(tmp_path):
+    import torch.distributed as dist
+
+    from kdzoo.distributed import data_parallel
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        method = _method()
+        ddp = data_parallel(torch.nn.Linear(2, 2), method, lambda *a: None, torch.device("cpu"), False)
+        assert {f"method.{n}" for n in ("memory_student", "memory_teacher", "z", "_labels")} <= ddp.parameters_to_ignore
+        plain = data_parallel(torch.nn.BatchNorm1d(2), get_method("vid")(), lambda *a: None, torch.device("cpu"), False)
+        assert not plain.parameters_to_ignore  # other methods' buffers (BatchNorm statistics) are broadcast as before
+    finally:
+        dist.destroy_process_group()

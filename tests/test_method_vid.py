@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from kdzoo.build import validate
 from kdzoo.cli import main
 from kdzoo.config import RunConfig
-from kdzoo.build import validate
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
 from kdzoo.models import ModelInfo, create_model
