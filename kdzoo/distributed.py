@@ -184,8 +184,14 @@ def data_parallel(student: nn.Module, method: nn.Module, step: Callable, device:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(StudentAndMethod(student, method, step), device_ids=ids,
-                                   find_unused_parameters=find_unused_parameters)
+    wrapper = StudentAndMethod(student, method, step)
+    # DDP copies rank 0's buffers to every rank before each forward. A method whose buffers every
+    # rank updates identically itself (CRD's memory bank, from the rows gathered over ranks) names
+    # them in ``buffers_kept_in_sync``: broadcasting N×128 floats each step would cost more than the step.
+    kept = [f"method.{name}" for name in getattr(method, "buffers_kept_in_sync", ())]
+    if kept:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, kept)
+    return DistributedDataParallel(wrapper, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def sync_buffers(*modules: nn.Module) -> None:

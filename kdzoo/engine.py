@@ -134,7 +134,7 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None, s
     # student cannot take fails at once rather than after the teacher's training.
     torch.manual_seed(cfg.seed)  # the student's init depends on the seed alone, not on teacher sourcing
     student = create_network(cfg, cfg.model, data, cfg.pretrained).to(device)
-    s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student)
+    s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student, data.train)
     after_student = torch.get_rng_state()
 
     teacher, teacher_score, teacher_source = None, None, None
@@ -144,7 +144,8 @@ def build(cfg: RunConfig, resume: bool, console, stop: StopFlag | None = None, s
         # rewind, so that the method's own modules (NFD's and CCD's adapters, ...) start the same
         # either way and the first and the second call of one command give one result.
         torch.set_rng_state(after_student)
-    t_info = model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher) if teacher is not None else None
+    t_info = (model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher, data.train)
+              if teacher is not None else None)
     if t_info is not None and t_info.shapes["logits"] != s_info.shapes["logits"]:
         raise UserError(
             f"teacher {cfg.teacher} outputs {t_info.shapes['logits'][0]} classes but the student {s_info.shapes['logits'][0]}; "

@@ -32,6 +32,11 @@ class ModelInfo:
     input_size: int
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tap -> shape without batch
     task: str = "cls"  # "seg": logits are (K, H, W) maps and the shapes include the ``decoder`` tap
+    # The training set, for methods with per-sample state (CRD's memory bank has one row per image
+    # and draws its negatives from the other classes): its size, and each image's class (int64,
+    # CPU) when the dataset knows them without reading the images; None outside a run.
+    train_size: int | None = None
+    train_labels: torch.Tensor | None = None
 
     @property
     def stage_names(self) -> list[str]:
@@ -119,9 +124,10 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_info(model: nn.Module, name: str, num_classes: int, input_size: int, taps=()) -> ModelInfo:
+def model_info(model: nn.Module, name: str, num_classes: int, input_size: int, taps=(), train=None) -> ModelInfo:
     """Measure the shapes of ``taps`` plus every stage and the embedding (or, on a segmentation
-    model, the decoder map), when the model has them."""
+    model, the decoder map), when the model has them. ``train``: the run's training loader, whose
+    size and labels the info then carries (see :attr:`ModelInfo.train_size`)."""
     names = list(taps)
     if getattr(model, "feature_info", None):
         stage_entries(model)
@@ -131,7 +137,10 @@ def model_info(model: nn.Module, name: str, num_classes: int, input_size: int, t
     task = "seg" if isinstance(model, SegmentationModel) else "cls"
     if task == "seg":
         names.append("decoder")
-    return ModelInfo(name, num_classes, input_size, probe_shapes(model, names, input_size), task)
+    info = ModelInfo(name, num_classes, input_size, probe_shapes(model, names, input_size), task)
+    if train is not None:
+        info.train_size, info.train_labels = train.size, train.labels()
+    return info
 
 
 def load_weights(model: nn.Module, path: str, what: str = "checkpoint") -> dict:

@@ -119,11 +119,11 @@ class SpeedBench:
 
         torch.manual_seed(cfg.seed)
         student = create_network(cfg, cfg.model, data).to(device)
-        s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student)
+        s_info = model_info(student, cfg.model, data.num_classes, data.input_size, method.taps.student, data.train)
         teacher = t_info = None
         if cfg.teacher:
             teacher = create_network(cfg, cfg.teacher, data).to(device)
-            t_info = model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher)
+            t_info = model_info(teacher, cfg.teacher, data.num_classes, data.input_size, method.taps.teacher, data.train)
         method.setup(s_info, t_info)
         method.to(device)
         self.views = self._views_per_step()

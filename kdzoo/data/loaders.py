@@ -79,6 +79,11 @@ class Loader(abc.ABC):
     def __iter__(self):
         return self.batches()
 
+    def labels(self) -> Tensor | None:
+        """Each sample's class (int64, CPU, in dataset order), or None when it cannot be known
+        without reading every sample (masks, a dataset without a ``targets`` list)."""
+        return None
+
 
 class InMemoryLoader(Loader):
     """Shuffled mini-batches of a tensor dataset held on the training device; the order is a
@@ -97,6 +102,9 @@ class InMemoryLoader(Loader):
         for part in self.parts(skip):
             index = part.to(self.images.device)
             yield self.images[index], self.targets[index], index
+
+    def labels(self) -> Tensor | None:
+        return self.targets.cpu().long() if self.targets.dim() == 1 else None
 
 
 class _WithIndex(torch.utils.data.Dataset):
@@ -135,6 +143,27 @@ class TorchLoader(Loader):
         for images, targets, index in loader:
             yield (images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True),
                    index.to(self.device, non_blocking=True))
+
+
+    def labels(self) -> Tensor | None:
+        return dataset_labels(self.dataset)
+
+
+def dataset_labels(dataset) -> Tensor | None:
+    """The ``targets`` of a torchvision-style dataset (through ``Subset``s) as int64, else None."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        inner = dataset_labels(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return None
+    try:
+        labels = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if labels.dim() != 1 or len(labels) != len(dataset) or labels.is_floating_point() or labels.dtype == torch.bool:
+        return None
+    return labels.long()
 
 
 class UnreadableImage(UserError):
