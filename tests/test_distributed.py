@@ -128,7 +128,8 @@ def test_two_process_gloo_run_matches_one_process_stops_together_and_resumes(tmp
 
 # the built-in methods with trainable extras (the others train the student alone, which the
 # DDP run above covers), and FRSKD's variant with its two extra rotation heads
-WITH_EXTRAS = [("nfd", []), ("lakd", []), ("frskd", []), ("frskd", ["--set", "sla=true"]), ("ctkd", [])]
+WITH_EXTRAS = [("nfd", []), ("lakd", []), ("frskd", []), ("frskd", ["--set", "sla=true"]), ("ctkd", []), ("vid", []),
+               ("crd", ["--set", "nce_k=64"]), ("reviewkd", [])]
 
 
 def test_the_list_holds_every_built_in_method_with_extras():
