@@ -217,11 +217,13 @@ def _resolved(dataset="shapes", **settings):
 def test_recipe_defaults_cifar_imagenet_and_set_wins():
     c = _resolved()  # RepDistiller scripts/run_cifar_distill.sh: --distill attention -a 0 -b 1000, feat[1:-1]
     assert (c.layers, c.p, c.at_weight, c.ce_weight, c.kd_weight) == (("all",), 2.0, 1000.0, 1.0, 0.0)
-    # torchdistill configs/official/ilsvrc2012/yoshitomo-matsubara/rrpr2020/at-resnet18_from_resnet34.yaml
+    # szagoruyko/attention-transfer imagenet.py --beta 1e+3 (alpha 0): all four groups; mdistiller's r34_r18/at.yaml
     imagenet = _resolved("imagefolder")
-    assert (imagenet.layers, imagenet.at_weight, imagenet.ce_weight) == (("stage3", "stage4"), 1000.0, 1.0)
-    mine = _resolved("imagefolder", layers="all", at_weight="500")
-    assert (mine.layers, mine.at_weight) == (("all",), 500.0)
+    assert (imagenet.layers, imagenet.at_weight, imagenet.ce_weight, imagenet.kd_weight) == (("all",), 1000.0, 1.0, 0.0)
+    assert AT.dataset_defaults["imagefolder"]["layers"] == ("all",)
+    # torchdistill's rrpr2020 config: layer3 and layer4
+    mine = _resolved("imagefolder", layers="stage3,stage4", at_weight="500")
+    assert (mine.layers, mine.at_weight) == (("stage3", "stage4"), 500.0)
     assert _resolved(layers="stage2, stage3:stage4").layers == ("stage2", "stage3:stage4")
 
 

@@ -230,6 +230,26 @@ def test_regressor_output_has_the_teacher_shape(s, t, kind):
     assert tuple(y.shape[1:]) == t and (y >= 0).all()
 
 
+# stage2 (C, H, W) of RepDistiller's networks at 32 px, as kdzoo's cifar_* models measure them
+# (tests/test_cifar_models.py checks those shapes against the reference code)
+CIFAR_STAGE2 = {"cifar_wrn_40_2": (64, 16, 16), "cifar_wrn_16_2": (64, 16, 16), "cifar_wrn_40_1": (32, 16, 16),
+                "cifar_resnet20": (32, 16, 16), "cifar_resnet32x4": (128, 16, 16), "cifar_resnet8x4": (128, 16, 16),
+                "cifar_vgg13": (256, 8, 8), "cifar_vgg8": (256, 8, 8), "cifar_mobilenetv2": (16, 8, 8),
+                "cifar_resnet50": (512, 16, 16), "cifar_shufflenet_v1": (480, 8, 8), "cifar_shufflenet_v2": (232, 8, 8)}
+
+
+@pytest.mark.parametrize("teacher,student,kind", [
+    ("cifar_wrn_40_2", "cifar_wrn_16_2", "valid"), ("cifar_wrn_40_2", "cifar_wrn_40_1", "valid"),
+    ("cifar_resnet32x4", "cifar_resnet8x4", "valid"), ("cifar_vgg13", "cifar_vgg8", "valid"),
+    ("cifar_vgg13", "cifar_mobilenetv2", "valid"), ("cifar_resnet50", "cifar_mobilenetv2", "transposed"),
+    ("cifar_resnet50", "cifar_vgg8", "transposed"), ("cifar_resnet32x4", "cifar_shufflenet_v1", "transposed"),
+    ("cifar_resnet32x4", "cifar_shufflenet_v2", "transposed"), ("cifar_wrn_40_2", "cifar_shufflenet_v1", "transposed"),
+])
+def test_every_pair_of_the_official_table_uses_convreg(teacher, student, kind):
+    """The pairs of RepDistiller's table all map through ConvReg's own convolutions, never the resize fallback."""
+    assert regressor_kind(CIFAR_STAGE2[student], CIFAR_STAGE2[teacher]) == kind
+
+
 # -- gradients ----------------------------------------------------------------------------------------
 
 def test_gradients_reach_student_and_regressor_never_the_teacher():
