@@ -35,13 +35,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from kdzoo.methods._stage_pairs import parse_pair, resolve_pair, tap_names
 from torch import Tensor
 
 from kdzoo.align import to_common_grid
 from kdzoo.errors import UserError
 from kdzoo.losses import attention_map, cross_entropy, softened_kl
 from kdzoo.method import Method, StepOutputs, Taps
-from kdzoo.methods._stage_pairs import parse_pair, resolve_pair, tap_names
 from kdzoo.registry import register_method
 
 

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kdzoo.methods._stage_pairs import parse_pair, resolve_pair, tap_names
 from torch import Tensor, nn
 
 from kdzoo.align import ChannelProjection, to_common_grid
 from kdzoo.losses import cross_entropy, softened_kl
 from kdzoo.method import Method, StepOutputs, Taps
-from kdzoo.methods._stage_pairs import parse_pair, resolve_pair, tap_names
 from kdzoo.registry import register_method
 
 

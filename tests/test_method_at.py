@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from kdzoo.methods.at import at_stage_loss
 
 from kdzoo.build import validate
 from kdzoo.cli import main
 from kdzoo.config import RunConfig
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods.at import at_stage_loss
 from kdzoo.models import ModelInfo
 from kdzoo.registry import get_method
 

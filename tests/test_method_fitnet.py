@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from kdzoo.methods.fitnet import regressor_kind
 
 from kdzoo.build import validate
 from kdzoo.checkpoint import read_checkpoint
@@ -15,7 +16,6 @@ from kdzoo.config import RunConfig
 from kdzoo.engine import Interrupted, StopFlag, run
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods.fitnet import regressor_kind
 from kdzoo.models import ModelInfo
 from kdzoo.registry import get_method, register_method
 
@@ -73,7 +73,7 @@ def _bilinear(x, oh, ow):
     """align_corners=False: source = (dst + 0.5) · in/out − 0.5, clamped at 0, edges replicated."""
     def coords(dst, n_in, n_out):
         src = max((dst + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = min(int(math.floor(src)), n_in - 1)
+        i0 = min(math.floor(src), n_in - 1)
         return i0, min(i0 + 1, n_in - 1), src - i0
 
     out = []

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from kdzoo.methods.pkt import conditional_probabilities, pkt_loss
 
 from kdzoo.build import validate
 from kdzoo.cli import main
 from kdzoo.config import RunConfig
 from kdzoo.errors import UserError
 from kdzoo.method import NetOutputs, StepOutputs
-from kdzoo.methods.pkt import conditional_probabilities, pkt_loss
 from kdzoo.registry import get_method
 
 from .reference import mean_ce, mean_kl
