@@ -129,16 +129,30 @@ def test_two_process_gloo_run_matches_one_process_stops_together_and_resumes(tmp
 # the built-in methods with trainable extras (the others train the student alone, which the
 # DDP run above covers), and FRSKD's variant with its two extra rotation heads
 WITH_EXTRAS = [("nfd", []), ("lakd", []), ("frskd", []), ("frskd", ["--set", "sla=true"]), ("ctkd", []), ("vid", []),
-               ("crd", ["--set", "nce_k=64"]), ("reviewkd", [])]
+               ("crd", ["--set", "nce_k=64"]), ("reviewkd", []), ("fitnet", []), ("ofa", [])]
 
 
 def test_the_list_holds_every_built_in_method_with_extras():
     from kdzoo.method import Method
     from kdzoo.registry import get_method, method_names
 
+    from kdzoo.data.loaders import InMemoryLoader
+    from kdzoo.models import create_model, model_info
+
     built_in = [get_method(n) for n in method_names() if get_method(n).__module__.startswith("kdzoo.methods.")]
-    with_setup = {cls.name for cls in built_in if cls.setup is not Method.setup}
-    assert with_setup == {m for m, _ in WITH_EXTRAS}
+    net, other = create_model("test_resnet", 10, 16), create_model("test_efficientnet", 10, 16)  # widths differ
+    train = InMemoryLoader(torch.zeros(20, 3, 16, 16, dtype=torch.uint8), torch.arange(20) % 10, 4, shuffle=False)
+    with_extras = set()
+    for cls in built_in:  # which ones create trainable extras in setup, measured
+        if cls.setup is Method.setup:
+            continue
+        method = cls()
+        s_info = model_info(net, "test_resnet", 10, 16, cls.taps.student, train=train)
+        t_info = model_info(other, "test_efficientnet", 10, 16, cls.taps.teacher, train=train)
+        method.setup(s_info, t_info if cls.needs_teacher else None)
+        if any(p.requires_grad for p in method.parameters()):
+            with_extras.add(cls.name)
+    assert with_extras == {m for m, _ in WITH_EXTRAS}
 
 
 @pytest.mark.parametrize("method,settings", WITH_EXTRAS)

@@ -19,7 +19,8 @@ STUDENTS = ["test_resnet", "test_efficientnet", "test_convnext"]
 # (teacher, student): resnet → mobile and convnext → ViT, both across families
 CROSS = [("test_resnet", "test_efficientnet"), ("test_convnext", "test_vit")]
 BUILT_IN = ["baseline", "kd", "relational_kd", "nfd", "lakd", "ccd", "kd_jda", "frskd",
-            "dkd", "dist", "nkd", "mlkd", "ctkd", "sdd", "wttm", "ofa", "vid", "crd", "reviewkd"]
+            "dkd", "dist", "nkd", "mlkd", "ctkd", "sdd", "wttm", "ofa", "vid", "crd", "reviewkd",
+            "fitnet", "at", "sp", "pkt"]
 
 
 def test_the_matrix_covers_every_built_in_method():
