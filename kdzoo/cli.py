@@ -19,6 +19,7 @@ import timm
 import torch
 
 from . import __version__, distributed
+from .bench import curves
 from .bench import leaderboard as lb
 from .bench.runner import run_suite
 from .bench.speed import measure, print_report
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=None, help="data loading workers (image folders)")
     run.add_argument("--output", default=None, help="folder for run folders (default runs/)")
     run.add_argument("--run-name", default=None, help="name of the run folder (default: derived from the settings)")
+    run.add_argument("--log", action="append", default=None, choices=["tensorboard", "wandb"],
+                     help="also log loss terms, lr, img/s and test metrics to TensorBoard (<run>/tensorboard/) or "
+                          "W&B (<run>/wandb/; WANDB_MODE=offline needs no network); repeatable; needs the extra")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override a method hyperparameter (repeatable); see `kdzoo list methods`")
     run.add_argument("--config", default=None,
@@ -212,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--teachers", action="store_true", help="include the cached teachers under teachers/ folders")
     board.add_argument("--by-machine", action="store_true",
                        help="one row per machine too (GPU, or CPU model and threads), with a machine column")
+
+    plot = sub.add_parser("plot", help="training curves (loss terms, test top-1 or mIoU per epoch) of runs on one figure")
+    plot.add_argument("runs", nargs="+", metavar="RUN",
+                      help="run folders (holding metrics.csv), or folders holding run folders (e.g. a suite's output)")
+    plot.add_argument("--out", default=curves.DEFAULT_OUT, metavar="FILE.png",
+                      help=f"the image to write (.png, .pdf, .svg; default {curves.DEFAULT_OUT})")
+    plot.add_argument("--metric", action="append", default=None, metavar="NAME",
+                      help="a metrics.csv column to plot instead of the defaults (repeatable): e.g. top1, top5, "
+                           "loss, kd, lr, img_per_s, test_loss")
     return parser
 
 
@@ -283,7 +296,7 @@ def cmd_run(args) -> int:
     out = Console()
 
     summary = get_task(result.get("task", "cls")).summary(result)
-    out.print(f"[bold green]done[/] {result['run_id']}: {summary}, {result['train_img_per_s']:.0f} img/s")
+    out.print(f"[bold green]done[/] {result['run_id']}: {summary}, {result['train_img_per_s']:.0f} img/s", soft_wrap=True)
     out.print(f"run folder: {cfg.output}/{result['run_id']}")
     closing_summary(result, Path(cfg.output) / result["run_id"], Path(cfg.output), args.argv, out)
     return 0
@@ -511,6 +524,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    runs = curves.plot_runs(args.runs, args.out, args.metric)
+    print(f"plot of {len(runs)} run(s): {args.out}")
+    return 0
+
+
 def _name() -> str:
     """How messages are signed: "kdzoo", or "kdzoo[rank N]" from the other processes of a DDP run."""
     rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
@@ -555,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         handler = {"run": cmd_run, "list": cmd_list, "hooks": cmd_hooks, "bench": cmd_bench,
                    "leaderboard": cmd_leaderboard, "speed": cmd_speed, "export": cmd_export,
-                   "eval": cmd_eval}[args.command]
+                   "eval": cmd_eval, "plot": cmd_plot}[args.command]
         return handler(args)
     except UserError as e:
         print(f"{_name()}: error: {e}", file=sys.stderr)

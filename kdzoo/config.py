@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from .data import get_dataset
 from .errors import UserError
+from .loggers import check as check_loggers
 from .recipes import get_recipe, recipe_settings
 
 
@@ -61,6 +62,8 @@ class RunConfig:
     workers: int = 2
     output: str = "runs"
     run_name: str | None = None
+    # experiment loggers (kdzoo/loggers.py): tensorboard, wandb; a view of the run, not part of its result
+    log: list[str] = field(default_factory=list)
     recipe: str | None = None  # a paper recipe by name (kdzoo/recipes.py); flags given beside it win
     method_settings: dict[str, Any] = field(default_factory=dict)
     # Set by kdzoo (kdzoo.build.identify), never by the user: what the images under --data-root
@@ -138,9 +141,12 @@ class RunConfig:
             from .runs import check_folder_name
 
             check_folder_name(self.run_name)
+        if not isinstance(self.log, (list, tuple)) or not all(isinstance(name, str) for name in self.log):
+            raise UserError(f"log must be a list of logger names, got {self.log!r}; write e.g. log = [\"tensorboard\"]")
+        check_loggers(self.log)  # known names, their packages installed: a missing extra fails here, before any work
 
     # settings that do not change the result (where it runs, how it is named, how fast)
-    _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download", "compile")
+    _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download", "compile", "log")
 
     def run_key(self) -> str:
         """8 hex digits over every setting that changes the result, the seed included (not where

@@ -31,9 +31,11 @@ from .config import RunConfig, recipe_hash
 from .errors import UserError
 from .hooks import FeatureTaps
 from .inputs import Inputs
+from .loggers import Loggers, open_loggers
 from .method import Method
 from .models import model_info, parameter_count
 from .optim import build_optimizer, build_scheduler, split_method_groups
+from .progress import Status, Throughput, TrainingProgress
 from .runs import RunDir, command_line, git_commit, machine, versions
 from .step import StepParts, TrainStep, prepare_networks
 from .tasks import get_task, metric_columns
@@ -282,8 +284,9 @@ class Trainer:
         self.best_score, self.best_epoch = -1.0, -1  # best test top-1 (cls) or mIoU (seg)
         self.rows: list[dict[str, Any]] = []
         self.sums: dict[str, float] = {}
-        self.train_seconds = 0.0
-        self.images_seen = 0
+        self.meter = Throughput()  # steady img/s: the first steps of each process are warm-up (kdzoo/progress.py)
+        self.progress = TrainingProgress(console)  # the rich bar on a terminal, plain lines in a log
+        self.loggers = Loggers()  # --log: opened by fit, on rank 0 only
 
     # -- checkpoints -------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -296,7 +299,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
             "best_score": self.best_score, "best_epoch": self.best_epoch,
             "rows": self.rows, "sums": self.sums,
-            "train_seconds": self.train_seconds, "images_seen": self.images_seen,
+            **self.meter.state(),  # train_seconds, images_seen and the steady rate's counts
             "rng": _rng_state(self.device),
             "rng_ranks": distributed.gather(_rng_state(self.device)),  # each process its own stream
             "model": self.cfg.model, "method_name": self.cfg.method,
@@ -321,7 +324,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.rows, self.sums = list(state["rows"]), dict(state["sums"])
-        self.train_seconds, self.images_seen = state["train_seconds"], state["images_seen"]
+        self.meter.load(state, self.global_step)
         rng_ranks = state.get("rng_ranks") or [state["rng"]]
         if len(rng_ranks) == self.world:
             _set_rng_state(rng_ranks[distributed.rank()], self.device)
@@ -340,7 +343,10 @@ class Trainer:
             self.console.print(f"resuming {run_dir.path.name} at epoch {self.epoch + 1}, step {self.step_in_epoch}")
         else:
             torch.manual_seed(cfg.seed + 1 + 1000 * distributed.rank())  # rank 0: the single-process stream
-        run_dir.write_config(self._config_record())
+        record = self._config_record()
+        run_dir.write_config(record)
+        self.loggers = open_loggers(cfg.log, run_dir.path, record, self.global_step if resume else None,
+                                    enabled=distributed.is_main())
         start = time.perf_counter()
         handles = self.method.install(self.student, self.teacher)
         try:
@@ -366,19 +372,12 @@ class Trainer:
         finally:
             for handle in handles:
                 handle.remove()
+            self.loggers.close()  # a stopped or failed run keeps what it logged
         result = self._finish(time.perf_counter() - start)
         distributed.barrier()  # the files rank 0 wrote are complete before any rank reads them
         return result
 
     def _train_epoch(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
         cfg, loader = self.cfg, self.ctx.data.train
         loader.set_epoch(self.epoch)
         self.student.train()
@@ -386,14 +385,10 @@ class Trainer:
         steps_this_epoch = min(self.steps_per_epoch, self.total_steps - self.global_step + self.step_in_epoch)
         sync = self.device.type == "cuda"
         pending: dict[str, Tensor] = {}
-        progress = Progress(
-            TextColumn(f"epoch {self.epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-            console=self.console, transient=True, disable=not self.console.is_terminal,
-        )
-        with progress:
-            task = progress.add_task("train", total=steps_this_epoch, completed=self.step_in_epoch, info="")
-            tick = time.perf_counter()
+        meter = self.meter
+        with self.progress.epoch(self.epoch + 1, cfg.epochs, steps_this_epoch, self.step_in_epoch) as show:
+            meter.start()
+            steps_at_flush = self.sums.get("_steps", 0)
             for images, targets, index in loader.batches(skip=self.step_in_epoch):
                 if self.step_in_epoch >= steps_this_epoch:
                     break
@@ -403,22 +398,33 @@ class Trainer:
                 self.sums["_steps"] = self.sums.get("_steps", 0) + 1
                 self.step_in_epoch += 1
                 self.global_step += 1
-                self.images_seen += n_images
+                warmed_up = meter.add_step(n_images)
                 last = self.step_in_epoch >= steps_this_epoch
                 # a signal is acted on at once in one process; under DDP at the next flush, where all
                 # processes agree on it (one rank stopping alone would hang the others)
                 stopping = False
                 if self.global_step % 10 == 0 or last or (self.stop and self.world == 1):
+                    interval = {n: v for n, v in self.sums.items() if not n.startswith("_")}
                     stopping = self._flush(pending)  # one host sync per 10 steps
                     if sync:
                         torch.cuda.synchronize(self.device)
-                    now = time.perf_counter()
-                    self.train_seconds += now - tick
-                    tick = now
+                    meter.read()
                     steps = max(1, self.sums["_steps"])
-                    info = "  ".join(f"{k} {v / steps:.3f}" for k, v in self.sums.items() if not k.startswith("_"))
-                    rate = self.images_seen / max(self.train_seconds, 1e-9)
-                    progress.update(task, completed=self.step_in_epoch, info=f"{info}  {rate:.0f} img/s")
+                    status = Status(self.epoch + 1, cfg.epochs, self.step_in_epoch, steps_this_epoch, self.global_step,
+                                    self.total_steps, {k: v / steps for k, v in self.sums.items() if not k.startswith("_")},
+                                    meter.img_per_s(), meter.seconds_per_step())
+                    show(status)
+                    # the loss terms of the steps since the last flush (not the epoch's running mean)
+                    since = max(1, self.sums["_steps"] - steps_at_flush)
+                    steps_at_flush = self.sums["_steps"]
+                    self.loggers.log_scalars(self.global_step, {
+                        **{f"train/{k}": (v - interval.get(k, 0.0)) / since for k, v in self.sums.items() if not k.startswith("_")},
+                        "train/lr": self.optimizer.param_groups[0]["lr"], "train/img_per_s": meter.img_per_s(),
+                    })
+                elif warmed_up:  # the steady rate starts here: read the clock once the device is done
+                    if sync:
+                        torch.cuda.synchronize(self.device)
+                    meter.read()
                 if stopping:
                     self.save_last()
                     raise Interrupted(
@@ -495,8 +501,10 @@ class Trainer:
                 row[f"train_{name}"] = value / steps
         row[f"train_{self.task.train_metric}"] = 100 * self.sums.get("_correct", 0) / max(1, self.sums.get("_counted", 1))
         row.update(metric_columns(metrics, data.class_names))
-        row["img_per_s"] = self.images_seen / max(self.train_seconds, 1e-9)
+        row["img_per_s"] = self.meter.img_per_s()  # steady: warm-up steps left out (kdzoo/progress.py)
         self.rows.append(row)
+        self.loggers.log_scalars(self.global_step, {f"epoch/{k}": v for k, v in row.items() if k != "step"})
+        self.loggers.flush()  # a run killed later keeps its epochs' values
         self.console.print(
             f"epoch {self.epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
             f"test {self.task.headline(metrics)}  {row['img_per_s']:.0f} img/s"
@@ -538,7 +546,6 @@ class Trainer:
     def _finish(self, wall: float) -> dict[str, Any]:
         last = self.rows[-1]
         params = parameter_count(self.student)
-        steps = max(1, self.global_step)
         result = {
             "run_id": self.ctx.run_dir.path.name, "complete": True,
             "method": self.cfg.method, "model": self.cfg.model, "teacher": self.cfg.teacher,
@@ -551,10 +558,11 @@ class Trainer:
                                     if self.cfg.teacher else None),
             "final_train_loss": last["train_loss"],
             "params_m": params / 1e6, "extra_params_m": self.method.extra_parameter_count() / 1e6,
-            "train_img_per_s": self.images_seen / max(self.train_seconds, 1e-9),
-            "ms_per_step": 1000 * self.train_seconds / steps,
+            # steady rate: the first steps of each process are warm-up and left out (kdzoo/progress.py)
+            "train_img_per_s": self.meter.img_per_s(),
+            "ms_per_step": 1000 * (self.meter.seconds_per_step() or 0.0),
             "peak_mem_mb": _peak_memory_mb(self.device), "device": str(self.device), "machine": machine(),
-            "wall_time_s": wall, "train_time_s": self.train_seconds, "world_size": self.world,
+            "wall_time_s": wall, "train_time_s": self.meter.seconds, "world_size": self.world,
             "recipe_hash": self._recipe_hash(),
         }
         self.ctx.run_dir.write_result(result)

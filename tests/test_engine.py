@@ -148,6 +148,7 @@ def test_resume_with_other_settings_is_refused_naming_each_difference(tmp_path, 
     with pytest.raises(Interrupted):
         run(cfg, console=None, stop=StopAfterFive.flag)
     StopAfterFive.flag = None
+    capsys.readouterr()  # the stopped run's own progress lines (stderr is no terminal here)
     runs = tmp_path / "runs"
     before = _files(runs)
     base = tiny_args(tmp_path, "--method", "test_stop_after_5")

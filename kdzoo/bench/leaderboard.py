@@ -301,14 +301,15 @@ def plot(board: pd.DataFrame, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def require_matplotlib():
+def require_matplotlib(what: str = "--plot"):
+    """matplotlib's pyplot (drawing to files, no display needed), or a one-line error naming the extra."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError('--plot needs matplotlib, which is not installed; install it with pip install -e ".[plot]"') from None
+        raise UserError(f'{what} needs matplotlib, which is not installed; install it with pip install -e ".[plot]"') from None
     return plt
 
 
