@@ -24,11 +24,12 @@ import sys
 from results_md import add_workload_arguments, header, write_section
 
 TARGETS = {"kd": 1.10, "dkd": 1.10, "dist": 1.10, "nkd": 1.10, "wttm": 1.10, "ctkd": 1.10, "mlkd": 1.10, "sdd": 1.15,
-           "relational_kd": 1.10, "ccd": 1.10, "kd_jda": 1.10, "nfd": 1.15, "lakd": 1.15, "ofa": 1.15}
+           "relational_kd": 1.10, "ccd": 1.10, "kd_jda": 1.10, "nfd": 1.15, "lakd": 1.15, "ofa": 1.15,
+           "fitnet": 1.15, "at": 1.15, "sp": 1.15, "pkt": 1.10, "vid": 1.15, "crd": 1.15, "reviewkd": 1.15}
 HOOK_TARGET = 1.03
 MEMORY_TARGET = 1.10
 METHODS = ["baseline", "kd", "dkd", "dist", "nkd", "wttm", "ctkd", "mlkd", "sdd", "relational_kd", "ccd", "kd_jda", "nfd",
-           "lakd", "ofa", "frskd"]
+           "lakd", "ofa", "fitnet", "at", "sp", "pkt", "vid", "crd", "reviewkd", "frskd"]
 
 
 def run_one(method: str, args) -> dict:

@@ -129,9 +129,10 @@ def test_shipped_suites_expand(tmp_path):
 
     root = Path(__file__).resolve().parent.parent / "benchmarks"
     quick = load_suite(root / "quick.toml")
-    assert len(quick.cells) == 34
+    assert len(quick.cells) == 48
     assert {c.method for c in quick.cells} == {"baseline", "kd", "relational_kd", "nfd", "lakd", "ccd", "kd_jda", "frskd",
-                                                "dkd", "dist", "nkd", "mlkd", "ctkd", "sdd", "wttm", "ofa"}
+                                                "dkd", "dist", "nkd", "mlkd", "ctkd", "sdd", "wttm", "ofa", "fitnet",
+                                                "at", "sp", "pkt", "vid", "crd", "reviewkd"}
     assert [c.method_settings for c in quick.cells if c.method == "kd"].count({"logit_standardize": True}) == 2
     cifar = load_suite(root / "cifar100.toml")
     assert all(c.dataset == "cifar100" and c.epochs == 240 and c.milestones == [150, 180, 210] for c in cifar.cells)
