@@ -53,6 +53,15 @@ class AugmentedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def size(self) -> int:
+        """Images in the split (what per-sample method state is sized by)."""
+        return self.loader.size
+
+    def labels(self) -> None:
+        """Masks are no per-image labels (what class-aware sampling, as CRD's, would need)."""
+        return None
+
     def batches(self, skip: int = 0) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         for images, masks, index in self.loader.batches(skip):
             if self.augment is not None:
