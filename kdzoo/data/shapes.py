@@ -18,6 +18,11 @@ import math
 import torch
 from torch import Tensor
 
+# How often a smaller shape of another class lies under the main one (clutter) or over it
+# (occluders), and how strong the pixel noise is: what makes the task hard for a short run.
+CLUTTER, OCCLUDERS, NOISE = 0.4, 0.1, 0.03
+ROTATION = 1.0  # fraction of a full turn the main shape is rotated by, at most
+
 CLASSES = ("circle", "ring", "square", "diamond", "triangle", "cross", "star", "hexagon", "ellipse", "crescent")
 
 
@@ -89,12 +94,12 @@ def generate(n: int, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor, Ten
         radius = torch.where(present, radius, torch.full_like(radius, 1e-3))  # absent: too small to hit a pixel
         return kind, cx, cy, radius, angle, colour
 
-    _draw(images, masks, *distractors(0.4, 0.3), grid_x, grid_y)  # clutter under the main shape
+    _draw(images, masks, *distractors(CLUTTER, 0.3), grid_x, grid_y)  # clutter under the main shape
     cx = (rand(n) * 2 - 1) * (1 - main_radius) * 0.9
     cy = (rand(n) * 2 - 1) * (1 - main_radius) * 0.9
-    _draw(images, masks, labels, cx, cy, main_radius, rand(n) * 2 * math.pi, main_colour, grid_x, grid_y)
-    _draw(images, masks, *distractors(0.1, 0.2), grid_x, grid_y)  # small occluders on top
+    _draw(images, masks, labels, cx, cy, main_radius, rand(n) * 2 * math.pi * ROTATION, main_colour, grid_x, grid_y)
+    _draw(images, masks, *distractors(OCCLUDERS, 0.2), grid_x, grid_y)  # small occluders on top
 
-    images = images + torch.randn(images.shape, generator=g) * 0.03
+    images = images + torch.randn(images.shape, generator=g) * NOISE
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     return images, labels, masks.to(torch.uint8)
