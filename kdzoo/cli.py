@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list methods, models or datasets")
     lst.add_argument("what", nargs="?", choices=["methods", "models", "datasets", "recipes"], default="methods")
     lst.add_argument("pattern", nargs="?", default=None, help="filter models with a pattern such as 'resnet*'")
+    lst.add_argument("--verbose", "-v", action="store_true", help="methods: also their taps and every hyperparameter")
     lst.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE")
 
     hooks = sub.add_parser("hooks", help="print every tap of a model with its output shape")
@@ -332,10 +333,12 @@ def cmd_list(args) -> int:
         load_plugin(plugin)
     console = Console()
     if args.what == "methods":
-
+        # every column only where it can be read: taps and defaults need about 160 columns
+        full = args.verbose or console.width >= 160
         table = Table(title="kdzoo methods")
         table.add_column("method", no_wrap=True)
-        for column in ("teacher", "tasks", "student taps", "teacher taps", "hyperparameters (defaults)", "summary"):
+        extra = ("student taps", "teacher taps", "hyperparameters (defaults)") if full else ()
+        for column in ("teacher", "tasks", *extra, "summary"):
             table.add_column(column, overflow="fold")
         for name in method_names():
             cls = get_method(name)
@@ -344,10 +347,12 @@ def cmd_list(args) -> int:
             variants = [*cls.dataset_defaults.items(), *cls.task_defaults.items(), *cls.switch_defaults.items()]
             settings = ", ".join(f"{k}={v}" + "".join(f" ({where}: {values[k]})" for where, values in variants if k in values)
                                  for k, _, v in describe(cls.Config))
-            table.add_row(label, "needs" if cls.needs_teacher else "none", ",".join(cls.tasks),
-                          ", ".join(["logits", *taps.student]), ", ".join(["logits", *taps.teacher]) if cls.needs_teacher else "-",
-                          settings or "-", cls.summary)
+            details = (", ".join(["logits", *taps.student]), ", ".join(["logits", *taps.teacher]) if cls.needs_teacher else "-",
+                       settings or "-") if full else ()
+            table.add_row(label, "needs" if cls.needs_teacher else "none", ",".join(cls.tasks), *details, cls.summary)
         console.print(table)
+        if not full:
+            console.print("[dim]taps and hyperparameters: kdzoo list methods --verbose[/]")
     elif args.what == "datasets":
 
         table = Table(title="kdzoo datasets")

@@ -94,7 +94,7 @@ def _cached_teacher(cfg: RunConfig, data, console, train: Train, stop=None) -> t
         else:
             console.print(
                 f"[bold]No teacher checkpoint given:[/] training {cfg.teacher} on {cfg.dataset} with the baseline recipe "
-                f"for {tcfg.epochs} epochs, once; it is cached at {run_dir.path} and reused by later runs "
+                f"for {tcfg.epochs} epoch{'s' if tcfg.epochs != 1 else ''}, once; it is cached at {run_dir.path} and reused by later runs "
                 "(pass --teacher-checkpoint FILE to use your own)"
             )
             result = train(tcfg, resume=True, console=console, stop=stop)  # Ctrl-C stops it too

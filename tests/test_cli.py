@@ -53,3 +53,13 @@ def test_list_and_hooks_commands(capsys):
     assert main(["hooks", "--model", "resnet18", "--input-size", "32", "--no-small-input-stem"]) == 0
     out = capsys.readouterr().out
     assert "64×8×8" in out and "64×32×32" not in out
+
+
+def test_list_methods_is_readable_at_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "dkd" in out and "hyperparameters (defaults)" not in out and "kdzoo list methods --verbose" in out
+    assert main(["list", "methods", "--verbose"]) == 0
+    assert "temperature=4.0" in capsys.readouterr().out.replace("\n", "")

@@ -98,6 +98,8 @@ def test_aggregates_match_hand_computed_values(runs):
     assert base["gain_vs_baseline"] == 0.0 and base["teacher"] == "" and math.isnan(base["teacher_top1"])
     assert (base["params_m"], base["extra_params_m"]) == pytest.approx((11.2, 0.0))
     assert (base["epochs"], base["status"]) == (2, "complete")
+    # the row names its runs (the repeated seed 0 counted once: base_s0 sorts before base_s0-2) and the best one
+    assert base["runs"] == "base_s0; base_s1; base_s2" and base["best_run"] == "base_s2"
 
     kd = _row(board, method="kd", student="resnet18", top1_mean=62.0)
     assert kd["n_seeds"] == 2 and kd["top1_std"] == pytest.approx(math.sqrt(8))

@@ -35,8 +35,10 @@ COLUMNS = [
     "dataset", "task", "teacher", "student", "method", "n_seeds", "top1_mean", "top1_std", "top5_mean",
     "miou_mean", "miou_std", "pixel_acc_mean",
     "gain_vs_baseline", "paper_top1", "delta_vs_paper", "best_top1_mean", "best_miou_mean", "teacher_top1", "teacher_miou", "params_m", "extra_params_m",
-    "ms_per_step", "train_img_per_s", "peak_mem_mb", "epochs", "recipe_hash", "status", "paper_source",
+    "ms_per_step", "train_img_per_s", "peak_mem_mb", "epochs", "recipe_hash", "status", "best_run", "runs", "paper_source",
 ]
+# too long for the terminal table: in the CSV and Markdown exports only
+EXPORT_ONLY = ("runs",)
 # result.json field -> column, each the mean over the row's seeds
 MEANS = {"top1": "top1_mean", "top5": "top5_mean", "best_top1": "best_top1_mean", "teacher_top1": "teacher_top1",
          "miou": "miou_mean", "pixel_acc": "pixel_acc_mean", "best_miou": "best_miou_mean", "teacher_miou": "teacher_miou",
@@ -180,6 +182,8 @@ def build(entries: list[Entry], by_machine: bool = False) -> pd.DataFrame:
         paper = published.lookup(row["method"], row["dataset"], e.num_classes, row["teacher"], row["student"], e.method_config)
         row["paper_top1"], row["paper_source"] = (paper.top1, paper.source) if paper else (None, None)
         row.update({field: result.get(field) for field in MEANS})
+        task = row["task"] if row["task"] in MAIN_METRIC else "cls"
+        row["_run_score"] = result.get(MAIN_METRIC[task])
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=columns(by_machine))
@@ -192,8 +196,14 @@ def build(entries: list[Entry], by_machine: bool = False) -> pd.DataFrame:
     board = grouped.agg(
         n_seeds=("seed", "size"), top1_std=("top1", "std"), miou_std=("miou", "std"), epochs=("epochs", "max"),
         _train=("_train", "first"), paper_top1=("paper_top1", "first"), paper_source=("paper_source", "first"),
+        runs=("folder", lambda folders: "; ".join(sorted(folders))), best_run=("folder", "first"),
         **{column: (field, "mean") for field, column in MEANS.items()},
     ).reset_index()
+    # the folder of each row's best run by its main metric (the first by name on a tie; none scored: the first)
+    scored = df.assign(_run_score=pd.to_numeric(df["_run_score"], errors="coerce")).sort_values(
+        ["_run_score", "folder"], ascending=[False, True], na_position="last", kind="stable")
+    best = scored.drop_duplicates([*key, "status"], keep="first").set_index([*key, "status"])["folder"]
+    board["best_run"] = [best.get(tuple(k), None) for k in board[[*key, "status"]].itertuples(index=False)]
     board[SORT_COLUMN] = _main_metric(board, "mean")
     board["gain_vs_baseline"] = _gain(board)
     board["paper_top1"] = pd.to_numeric(board["paper_top1"], errors="coerce")
@@ -264,7 +274,7 @@ def print_table(board: pd.DataFrame, errors: list[tuple[str, str]], console, tit
     from rich.table import Table
 
     table = Table(title=title)
-    shown = [c for c in board.columns if c not in TASK_COLUMNS or board[c].notna().any()]
+    shown = [c for c in board.columns if c not in EXPORT_ONLY and (c not in TASK_COLUMNS or board[c].notna().any())]
     for column in shown:
         table.add_column(column, justify="right" if column in FORMATS or column in ("n_seeds", "epochs") else "left",
                          overflow="fold")
