@@ -63,4 +63,5 @@ def test_list_methods_is_readable_at_80_columns(capsys, monkeypatch):
     assert "dkd" in out and "hyperparameters (defaults)" not in out and "kdzoo list methods --verbose" in out
     monkeypatch.setenv("COLUMNS", "100")  # narrower than 160: --verbose still shows every column
     assert main(["list", "methods", "--verbose"]) == 0
-    assert "hyperparameters" in capsys.readouterr().out
+    header = next(line for line in capsys.readouterr().out.splitlines() if "┳" in line)
+    assert header.count("┳") == 6  # seven columns: taps and hyperparameters included
