@@ -29,6 +29,7 @@ networks has pretrained weights on the timm hub (``pretrained=True`` raises).
 
 from __future__ import annotations
 
+import abc
 from collections import OrderedDict
 from functools import partial
 
@@ -47,7 +48,7 @@ _TIMM_PLUMBING = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 # the timm interface, shared by every family
 
 
-class CifarNet(nn.Module):
+class CifarNet(nn.Module, metaclass=abc.ABCMeta):
     """timm's classifier interface on top of a family's ``forward_features``.
 
     A family sets ``num_features``, ``feature_info`` and a classifier at ``classifier_path``
@@ -68,8 +69,9 @@ class CifarNet(nn.Module):
     def _head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    @abc.abstractmethod
     def forward_features(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The last feature map, unpooled (each family builds its own)."""
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(x)
