@@ -59,7 +59,14 @@ def validate(cfg: RunConfig) -> Method:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    return method_cls(method_config)
+    method = method_cls(method_config)
+    if cfg.teacher_cache:
+        refusal = method.teacher_cache_refusal() or (
+            "runs --task seg (the cache holds class logits)" if cfg.task != "cls" else None)
+        if refusal:
+            raise UserError(f"--teacher-cache: method {cfg.method!r} {refusal}; run it without --teacher-cache "
+                            "(the cache serves methods that read only the teacher's logits, e.g. kd, dkd, dist)")
+    return method
 
 
 def identify(cfg: RunConfig) -> RunConfig:

@@ -80,6 +80,8 @@ def _execution_flags(parser) -> None:
     _bool_flag(parser, "channels-last", "channels_last memory format (default on)")
     _bool_flag(parser, "compile", "torch.compile the student after its hooks are registered, and the teacher separately")
     _bool_flag(parser, "small-input-stem", "3x3 stride-1 stem without max-pool for ResNets (default: on for inputs <= 64 px)")
+    _bool_flag(parser, "teacher-cache", "store the teacher's logits per (image, crop/flip) under <output>/teacher-cache/ "
+                                        "and reuse them (methods that read only the teacher's logits; docs/teacher-cache.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,9 @@ class RunConfig:
     teacher_checkpoint: str | None = None
     teacher_pretrained: bool = False
     teacher_epochs: int | None = None
+    # store the teacher's logits per (sample, crop/flip) and reuse them (kdzoo/teacher_cache.py);
+    # part of the result (float16 storage), so a cached run is a run of its own
+    teacher_cache: bool = False
     workers: int = 2
     output: str = "runs"
     run_name: str | None = None
@@ -202,10 +205,17 @@ def refuse_computed(values: dict[str, Any], where: str) -> None:
             raise UserError(f"{where} sets {key}, which kdzoo computes from the data and the method's code; remove it")
 
 
+# settings added after runs were recorded, with the value that means "as before": left out of
+# the identity at that value, so earlier runs keep their ids and leaderboard rows
+_ADDED_LATER = {"teacher_cache": False}
+
+
 def _identity(run: dict[str, Any], leave_out) -> dict[str, Any]:
     """The run settings that identify a result. A computed field that is None (generated data,
-    a built-in method) is left out, so runs recorded before it existed keep their ids."""
-    return {k: v for k, v in run.items() if k not in leave_out and not (k in COMPUTED and v is None)}
+    a built-in method) or a later setting at its old behaviour is left out, so runs recorded
+    before it existed keep their ids."""
+    return {k: v for k, v in run.items() if k not in leave_out and not (k in COMPUTED and v is None)
+            and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
 
 
 # Settings that change no result, and the seed: left out of the recipe hash, so seeds group.

@@ -40,6 +40,8 @@ from .runs import RunDir, command_line, git_commit, machine, versions
 from .step import StepParts, TrainStep, prepare_networks
 from .tasks import get_task, metric_columns
 from .teacher import near_chance, obtain_teacher
+from .stem import has_small_stem
+from .teacher_cache import open_cache
 
 CHECKPOINT_FORMAT = "kdzoo-checkpoint-v1"
 
@@ -287,6 +289,10 @@ class Trainer:
         self.meter = Throughput()  # steady img/s: the first steps of each process are warm-up (kdzoo/progress.py)
         self.progress = TrainingProgress(console)  # the rich bar on a terminal, plain lines in a log
         self.loggers = Loggers()  # --log: opened by fit, on rank 0 only
+        # --teacher-cache: every rank reads the whole cache and writes its own new rows
+        self.teacher_cache = (open_cache(cfg.output, self._teacher_name(), self.teacher, ctx.data, device, cfg.amp,
+                                         name=f"{ctx.run_dir.path.name}-r{distributed.rank()}")
+                              if cfg.teacher_cache and self.teacher is not None else None)
 
     # -- checkpoints -------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -462,7 +468,12 @@ class Trainer:
         return TrainStep(StepParts(
             self.student, self.teacher, self.method, s_taps, t_taps, self.optimizer, self.scheduler, self.inputs,
             self.ctx.data.augment, self.task.train_hits, compile="inductor" if self.cfg.compile else None,
+            teacher_cache=self.teacher_cache,
         ))
+
+    def _teacher_name(self) -> str:
+        """The teacher's architecture as the cache names it: the model and its stem."""
+        return f"{self.cfg.teacher}{'_smallstem' if has_small_stem(self.teacher) else ''}"
 
     def _step(self, images: Tensor, targets: Tensor, index: Tensor) -> tuple[dict[str, Tensor], int]:
         terms, n_images = self.train_step(images, targets, index, self.epoch, self.global_step,
@@ -513,6 +524,8 @@ class Trainer:
         improved = score > self.best_score
         if improved:
             self.best_score, self.best_epoch = score, self.epoch + 1
+        if self.teacher_cache is not None:
+            self.teacher_cache.flush(f"e{self.epoch + 1}")
         self.epoch += 1
         self.step_in_epoch = 0
         self.sums = {}
@@ -564,6 +577,7 @@ class Trainer:
             "peak_mem_mb": _peak_memory_mb(self.device), "device": str(self.device), "machine": machine(),
             "wall_time_s": wall, "train_time_s": self.meter.seconds, "world_size": self.world,
             "recipe_hash": self._recipe_hash(),
+            "teacher_cache": self.teacher_cache.stats() if self.teacher_cache is not None else None,
         }
         self.ctx.run_dir.write_result(result)
         return result

@@ -175,6 +175,22 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """
         return dataclasses.replace(batch, images=augment(batch.images))
 
+    def teacher_cache_refusal(self) -> str | None:
+        """Why ``--teacher-cache`` cannot serve this method's teacher (None: it can).
+
+        The cache stores logits keyed by (sample, standard augmentation choice), so it serves a
+        method that reads only the teacher's logits of the batch ``augment`` made; one that
+        builds its own views or mixes images overrides ``prepare_batch`` and is refused.
+        A method that delegates ``prepare_batch`` to another method answers for it.
+        """
+        if not self.needs_teacher:
+            return "uses no teacher"
+        if not self.logits_only_teacher:
+            return "reads the teacher's features, not only its logits"
+        if type(self).prepare_batch is not Method.prepare_batch:
+            return "builds its own views of each image (prepare_batch), which the cache cannot key"
+        return None
+
     @abc.abstractmethod
     def loss(self, out: StepOutputs) -> dict[str, Tensor]:
         """Return every loss term, already weighted; the engine sums and logs them."""

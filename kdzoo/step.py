@@ -28,6 +28,7 @@ from .data.loaders import to_float
 from .hooks import FeatureTaps
 from .inputs import Inputs
 from .method import Batch, Method, NetOutputs, StepOutputs, check_terms
+from .teacher_cache import RecordedAugment, TeacherCache
 
 
 def prepare_networks(student: nn.Module | None, teacher: nn.Module | None, method: Method | None,
@@ -84,6 +85,7 @@ class StepParts:
     augment: Callable[[Tensor], Tensor]
     train_hits: Callable[[Tensor, Tensor], tuple[Tensor, Any]]
     compile: str | None = None  # a torch.compile backend ("inductor"), or None: eager
+    teacher_cache: TeacherCache | None = None  # --teacher-cache: the teacher's logits stored per (sample, crop/flip)
 
 
 class TrainStep:
@@ -105,13 +107,17 @@ class TrainStep:
                                                  type(parts.method).some_parameters_unused)
 
     def forward_loss(self, images: Tensor, teacher_images: Tensor, targets: Tensor, index: Tensor,
-                     epoch: int = 0, step: int = 0, progress: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student and teacher forward passes with the taps, then the method's loss terms."""
+                     epoch: int = 0, step: int = 0, progress: float = 0.0,
+                     cached_teacher: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Student and teacher forward passes with the taps (the teacher's logits ``cached_teacher``
+        when the cache gave them), then the method's loss terms."""
         parts = self.parts
         logits = self.student_forward(images)
         student = NetOutputs(logits, parts.s_taps.pop())
         teacher = None
-        if self.teacher_forward is not None:
+        if cached_teacher is not None:
+            teacher = NetOutputs(cached_teacher, {})
+        elif self.teacher_forward is not None:
             with torch.no_grad():
                 t_logits = self.teacher_forward(teacher_images)
             teacher = NetOutputs(t_logits, parts.t_taps.pop() if parts.t_taps is not None else {})
@@ -121,13 +127,16 @@ class TrainStep:
 
     def __call__(self, images: Tensor, targets: Tensor, index: Tensor, epoch: int = 0, step: int = 0,
                  progress: float = 0.0) -> tuple[dict[str, Tensor], int]:
-        parts = self.parts
-        batch = parts.method.prepare_batch(Batch(to_float(images), targets, index), parts.augment)
+        parts, cache = self.parts, self.parts.teacher_cache
+        augment = RecordedAugment(parts.augment) if cache is not None else parts.augment
+        batch = parts.method.prepare_batch(Batch(to_float(images), targets, index), augment)
         student_images = parts.inputs(batch.images)
         teacher_images = student_images if batch.teacher_images is None else parts.inputs(batch.teacher_images)
         with parts.inputs.autocast():
+            cached = (cache.teacher_logits(augment.keys(batch.index), self.teacher_forward, teacher_images)
+                      if cache is not None else None)
             logits, terms = self.forward(student_images, teacher_images, batch.targets, batch.index,
-                                         epoch, step, progress)
+                                         epoch, step, progress, cached)
         loss = sum(terms.values())
         parts.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -21,7 +21,7 @@ from .tasks import get_task
 # flags of `kdzoo run` that belong to the method or its teacher, dropped from the baseline command
 _METHOD_FLAGS = {"--method", "--teacher", "--set", "--teacher-checkpoint", "--teacher-epochs", "--run-name", "--plugin",
                  "--config"}
-_METHOD_SWITCHES = {"--teacher-pretrained", "--no-teacher-pretrained", "--resume"}
+_METHOD_SWITCHES = {"--teacher-pretrained", "--no-teacher-pretrained", "--teacher-cache", "--no-teacher-cache", "--resume"}
 
 
 def find_baselines(run_folder: Path, output: Path) -> list[dict[str, Any]]:

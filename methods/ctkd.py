@@ -178,6 +178,9 @@ class CTKD(LogitMethod):
     def prepare_batch(self, batch, augment):
         return self.base.prepare_batch(batch, augment)
 
+    def teacher_cache_refusal(self):
+        return self.base.teacher_cache_refusal()
+
     def param_groups(self):
         groups = [{"params": [self.theta], "weight_decay": self.config.temperature_weight_decay}]
         return groups + [g for g in self.base.param_groups() if list(g["params"])]

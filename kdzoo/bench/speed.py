@@ -50,15 +50,18 @@ from ..optim import build_optimizer, build_scheduler, split_method_groups
 from ..registry import get_method
 from ..step import StepParts, TrainStep, compile_networks, prepare_networks
 from ..tasks import get_task
+from ..teacher_cache import TeacherCache, fill_every_choice, open_cache
 from .cpu_memory import cpu_peak_bytes
 
-PHASES = ("student_step", "teacher_forward", "method_step", "hooked_step")
+PHASES = ("student_step", "teacher_forward", "method_step", "hooked_step")  # and (e) "cached_step" with --teacher-cache
 LABELS = {
     "student_step": "(a) student step",
     "teacher_forward": "(b) teacher forward",
     "method_step": "(c) method step",
     "hooked_step": "(d) student step, taps hooked",
+    "cached_step": "(e) method step, teacher cache",
 }
+CACHED_BATCHES = 4  # distinct batches phase (e) cycles through, their every crop/flip filled ahead
 
 
 @dataclass
@@ -157,7 +160,8 @@ class SpeedBench:
         return taps
 
     def _step(self, method: Method, student: nn.Module, teacher: nn.Module | None, loader: InMemoryLoader,
-              s_names, t_names, install: bool) -> tuple[Callable[[int], None], Callable[[], int], torch.optim.Optimizer]:
+              s_names, t_names, install: bool, cache: TeacherCache | None = None,
+              ) -> tuple[Callable[[int], None], Callable[[], int], torch.optim.Optimizer]:
         cfg, device = self.cfg, self.device
         prepare_networks(student, teacher, method, cfg.channels_last, device)
         plain, groups = split_method_groups(method, [p for p in student.parameters() if p.requires_grad])
@@ -169,7 +173,7 @@ class SpeedBench:
         s_taps, t_taps = self._open_taps(student, s_names), self._open_taps(teacher, t_names)
         step = TrainStep(StepParts(student, teacher, method, s_taps, t_taps, optimizer, scheduler, self.inputs,
                                    self.data.augment, get_task(cfg.task).train_hits,
-                                   compile="inductor" if cfg.compile else None))
+                                   compile="inductor" if cfg.compile else None, teacher_cache=cache))
         batches = _batches(loader)
         counter = itertools.count()
         student.train()
@@ -214,7 +218,26 @@ class SpeedBench:
                                                        taps.student, taps.teacher, install=True)))
         phases.append(Phase("hooked_step", *self._step(self.baseline_cls(), copies["hooked_step"], None,
                                                        self.plain_loader, taps.student, (), install=False)))
+        if self.cfg.teacher_cache and teacher is not None:
+            phases.append(Phase("cached_step", *self._cached_phase(student, teacher)))
         return phases
+
+    def _cached_phase(self, student: nn.Module, teacher: nn.Module):
+        """(e): the method's step served by a cache (in memory, never written) that holds every
+        crop/flip of a few batches, so each timed step is all hits — the steady state of a warm cache."""
+        cfg, train = self.cfg, self.data.train
+        n = min(len(train.targets), CACHED_BATCHES * cfg.batch_size)
+        loader = InMemoryLoader(train.images[:n], train.targets[:n], cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                drop_last=True)
+        t = copy.deepcopy(teacher)
+        prepare_networks(None, t, None, cfg.channels_last, self.device)
+        cache = open_cache(None, cfg.teacher, t, self.data, self.device,
+                           cfg.amp, writer=False)
+        fill_every_choice(cache, t, train.images[:n], torch.arange(n, device=self.device), self.data.augment,
+                          self.inputs, cfg.batch_size)
+        self.networks["cached_step"] = s = copy.deepcopy(student)
+        return self._step(copy.deepcopy(self.method), s, t, loader, self.method.taps.student, (), install=True,
+                          cache=cache)
 
     def close(self) -> None:
         for close in reversed(self._exits):
@@ -296,6 +319,8 @@ class SpeedBench:
             "method_extra_ms": t["method_step"] - two_passes,
             "source_img_per_s": cfg.batch_size / (t["method_step"] / 1000),
             "memory_ratio": mem_ratio,
+            # --teacher-cache: the cached method step against the student's plain step alone
+            "cache_ratio": t["cached_step"] / t["student_step"] if "cached_step" in t else None,
         }
 
 
@@ -342,6 +367,9 @@ def print_report(result: dict[str, Any], console) -> None:
         console.print(f"overhead      = (c) / (a) = {result['overhead']:.3f}  "
                       f"(time per step; no teacher: this is the method's own cost, e.g. a self-teacher)")
     console.print(f"hook_overhead = (d) / (a) = {result['hook_overhead']:.3f}  (time per step)")
+    if result.get("cache_ratio") is not None:
+        console.print(f"cache         = (e) / (a) = {result['cache_ratio']:.3f}  (time per step: the method served by "
+                      "a warm teacher cache, against the student's plain step alone)")
     if result["memory_ratio"] is not None:
         source = "CUDA allocator" if result["device"].startswith("cuda") else "profiled CPU allocations"
         parts = "(a) + (b)" if result["teacher"] else "(a)"

@@ -228,19 +228,25 @@ def to_float(images: Tensor) -> Tensor:
     return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
 
 
-def random_crop(images: Tensor, padding: int) -> Tensor:
-    """Per-sample random crop of the zero-padded batch back to its size (CIFAR's translate)."""
+def crop_at(images: Tensor, padding: int, oy: Tensor, ox: Tensor) -> Tensor:
+    """Each image cropped from its zero-padded copy at offsets (``oy``, ``ox``) in [0, 2·padding]."""
     if padding <= 0:
         return images
     b, c, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), device=images.device)
-    ox = torch.randint(0, 2 * padding + 1, (b,), device=images.device)
     rows = (oy[:, None] + torch.arange(h, device=images.device)[None])  # (B, H)
     cols = (ox[:, None] + torch.arange(w, device=images.device)[None])  # (B, W)
     batch = torch.arange(b, device=images.device)[:, None, None, None]
     chans = torch.arange(c, device=images.device)[None, :, None, None]
     return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_crop(images: Tensor, padding: int) -> Tensor:
+    """Per-sample random crop of the zero-padded batch back to its size (CIFAR's translate)."""
+    if padding <= 0:
+        return images
+    side, n, device = 2 * padding + 1, images.shape[0], images.device
+    return crop_at(images, padding, torch.randint(0, side, (n,), device=device), torch.randint(0, side, (n,), device=device))
 
 
 def random_flip(images: Tensor) -> Tensor:
@@ -249,14 +255,40 @@ def random_flip(images: Tensor) -> Tensor:
 
 
 class CropFlip:
-    """The standard CIFAR-style training augmentation on a float batch."""
+    """The standard CIFAR-style training augmentation on a float batch.
+
+    Its space is discrete: every draw is one of :attr:`choices` (offset, flip) pairs, numbered by
+    :meth:`draw` and replayed exactly by :meth:`apply`. That number is what lets a teacher-output
+    cache (kdzoo/teacher_cache.py) key a sample's augmented view by (dataset index, choice).
+    Calling it draws in the same order as :func:`random_crop` then :func:`random_flip`.
+    """
 
     def __init__(self, padding: int = 4, flip: bool = True):
         self.padding, self.flip = padding, flip
 
+    @property
+    def choices(self) -> int:
+        return (2 * max(self.padding, 0) + 1) ** 2 * (2 if self.flip else 1)
+
+    def draw(self, n: int, device) -> Tensor:
+        """``n`` random choices (int64 in [0, choices)), drawn from the global generators."""
+        side, zeros = 2 * max(self.padding, 0) + 1, torch.zeros(n, dtype=torch.long, device=device)
+        oy = torch.randint(0, side, (n,), device=device) if self.padding > 0 else zeros
+        ox = torch.randint(0, side, (n,), device=device) if self.padding > 0 else zeros
+        code = oy * side + ox
+        if self.flip:
+            code = code * 2 + (torch.rand(n, device=device) < 0.5).long()
+        return code
+
+    def apply(self, images: Tensor, choice: Tensor) -> Tensor:
+        """The batch cropped and flipped as ``choice`` (from :meth:`draw`) says, image by image."""
+        side = 2 * max(self.padding, 0) + 1
+        flip, position = (choice % 2 == 1, choice // 2) if self.flip else (None, choice)
+        images = crop_at(images, self.padding, position // side, position % side)
+        return images if flip is None else torch.where(flip[:, None, None, None], images.flip(-1), images)
+
     def __call__(self, images: Tensor) -> Tensor:
-        images = random_crop(images, self.padding)
-        return random_flip(images) if self.flip else images
+        return self.apply(images, self.draw(images.shape[0], images.device))
 
     def __repr__(self) -> str:
         return f"CropFlip(padding={self.padding}, flip={self.flip})"
