@@ -81,9 +81,13 @@ def identify(cfg: RunConfig) -> RunConfig:
 
 
 def data_request(cfg: RunConfig, **changes) -> DataRequest:
-    """What the run asks of its dataset; ``changes`` replace fields (``kdzoo speed`` reads no workers)."""
+    """What the run asks of its dataset; ``changes`` replace fields (``kdzoo speed`` reads no workers).
+
+    ``views`` is the method's ``loader_views``: how many separately cropped copies of each image a
+    loader that crops in its workers delivers (a teacher's own training runs ``baseline``: 1)."""
     values = dict(root=cfg.data_root, download=cfg.download, input_size=cfg.input_size, train_size=cfg.train_size,
-                  test_size=cfg.test_size, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers)
+                  test_size=cfg.test_size, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers,
+                  views=get_method(cfg.method).loader_views)
     return DataRequest(**{**values, **changes})
 
 

@@ -141,6 +141,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     # on the teacher, no teacher_images of its own): its teacher outputs are then a function of
     # the input alone, which a teacher-output cache may store.
     logits_only_teacher: ClassVar[bool] = False
+    # How many independently cropped copies of each image a loader that crops in its workers
+    # (image folders: RandomResizedCrop) must deliver. With more than 1 such a loader yields
+    # images (B, loader_views, C, H, W) and prepare_batch must take that shape; loaders that keep
+    # their images whole and crop on the device (shapes, CIFAR: ``augment``) ignore it and yield
+    # (B, C, H, W), since every call of ``augment`` draws a new crop there.
+    loader_views: ClassVar[int] = 1
     # Set by @register_method: "<12 hex>" of the source file of a method that is not part of
     # kdzoo (a --plugin file, a user's package), None for kdzoo's own (kdzoo's version names
     # those). Part of every run's identity, so an edited plugin never reuses an earlier result.

@@ -35,6 +35,9 @@ def register_method(name: str, *, aliases: tuple[str, ...] = ()):
             raise UserError(f"method {name!r} declares logits_only_teacher but "
                             + ("taps the teacher's features" if cls.taps.teacher else "has no teacher")
                             + "; declare it only for a method that reads nothing of its teacher but the logits")
+        views = cls.loader_views
+        if not isinstance(views, int) or isinstance(views, bool) or views < 1:
+            raise UserError(f"method {name!r} declares loader_views = {views!r}; it must be a whole number of at least 1")
         for key in (name, *aliases):
             owner = _METHODS.get(_ALIASES.get(key, key))
             same = owner is not None and (owner.__module__, owner.__qualname__) == (cls.__module__, cls.__qualname__)

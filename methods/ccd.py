@@ -42,6 +42,9 @@ class _JointAugmentation(Method):
     needs_teacher = True
     logits_only_teacher = True
     tasks = ("cls",)
+    # image folders crop in the loader's workers: ask for two separate crops of each image, one
+    # per view, as the reference crops each view on its own (in-memory data crop in `augment`)
+    loader_views = 2
     # The reference's policy per dataset (CIFAR-100 is the Config default). ImageNet's is used
     # for image folders (ImageNet-style photographs at 224 px); shapes keeps CIFAR-100's, the
     # closest in image size and content density.

@@ -253,3 +253,22 @@ def test_a_logits_only_method_with_teacher_taps_is_refused_at_registration():
     with pytest.raises(UserError, match="logits_only_teacher"):
         register_method("test_contract_wrong")(Wrong)
     assert "test_contract_wrong" not in method_names()
+
+
+# -- loader views ----------------------------------------------------------------------------------
+def test_loader_views_default_to_one_and_jda_methods_ask_for_two():
+    assert {n for n in method_names() if get_method(n).loader_views != 1} >= {"ccd", "kd_jda"}
+    assert get_method("baseline").loader_views == get_method("kd").loader_views == 1
+
+
+@pytest.mark.parametrize("views", [0, 1.5, True])
+def test_loader_views_that_are_not_a_whole_number_of_at_least_one_are_refused(views):
+    class Wrong(Method):
+        loader_views = views
+
+        def loss(self, out):
+            return {}
+
+    with pytest.raises(UserError, match="loader_views"):
+        register_method("test_contract_views")(Wrong)
+    assert "test_contract_views" not in method_names()

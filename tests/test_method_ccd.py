@@ -1,5 +1,6 @@
 """CCD and KD+JDA: losses against loop references, gradient flow, the JDA operations, the paired
-batch layout (the short end-to-end run is in test_methods_train.py)."""
+batch layout, one crop per view on image folders (the short end-to-end run on shapes is in
+test_methods_train.py; the one on an image folder is here)."""
 
 import pytest
 import torch
@@ -370,3 +371,109 @@ def test_prepare_batch_builds_the_pairs_with_independent_crops():
     assert batch.index.tolist() == [10, 10, 11, 11, 12, 12, 13, 13]  # both views carry their image's index
     assert images.shape == (8, 3, 16, 16) and targets.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert not torch.equal(images[0::2], images[1::2])
+
+
+# -- image folders: each view its own crop -----------------------------------------------------
+
+def test_paired_views_takes_one_loader_crop_per_view():
+    x = torch.rand(3, 2, 3, 8, 8)  # (B, views, C, H, W): two crops of each image, drawn by the loader
+    y = torch.tensor([4, 7, 1])
+    calls = []
+
+    def augment(images):
+        calls.append(images)
+        return images + 0.0
+
+    views, targets = J.paired_views(x, y, augment, J.JDA([("invert", 0)], p=1.0))
+    assert views.shape == (6, 3, 8, 8) and targets.tolist() == [4, 4, 7, 7, 1, 1]
+    assert torch.equal(views[0::2], x[:, 0]) and torch.allclose(views[1::2], 1 - x[:, 1])  # JDA on the second crop only
+    assert len(calls) == 2 and torch.equal(calls[0], x[:, 0]) and torch.allclose(calls[1], 1 - x[:, 1])
+    with pytest.raises(ValueError, match="one per view"):
+        J.paired_views(torch.rand(3, 3, 3, 8, 8), y, augment, J.JDA([("invert", 0)], p=1.0))
+
+
+def test_paired_views_of_a_4d_batch_draw_as_before():
+    """A batch of whole images (in-memory data): augment(x), then augment(jda(x)), from one stream."""
+    from kdzoo.data.loaders import CropFlip
+
+    x, y, augment, jda = torch.rand(4, 3, 16, 16), torch.arange(4), CropFlip(padding=2), J.JDA("cifar100")
+    torch.manual_seed(3)
+    views, _ = J.paired_views(x, y, augment, jda)
+    torch.manual_seed(3)
+    original = augment(x)
+    augmented = augment(jda(x))
+    assert torch.equal(views[0::2], original) and torch.equal(views[1::2], augmented)
+
+
+def _noise_tree(root):
+    """train/ and val/ with two classes of 3 noise images each (40 × 30): any two crops differ."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for k in range(2):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folders_give_each_jda_view_its_own_random_resized_crop(tmp_path):
+    from kdzoo.build import data_request
+    from kdzoo.config import RunConfig
+    from kdzoo.data import DataRequest, get_dataset
+    from kdzoo.teacher import teacher_run_config
+
+    # a JDA run asks the loader for two crops; a plain run and the teacher's own training for one
+    cfg = RunConfig(method="ccd", teacher="test_resnet", dataset="imagefolder")
+    assert data_request(cfg).views == 2 and data_request(RunConfig(method="kd_jda", teacher="test_resnet")).views == 2
+    assert data_request(RunConfig(method="kd", teacher="test_resnet")).views == 1
+    assert data_request(teacher_run_config(cfg)).views == 1
+
+    tree = _noise_tree(tmp_path)
+    spec = get_dataset("imagefolder")
+    plain = spec.build(DataRequest(root=str(tree), input_size=16, batch_size=3, workers=0))
+    torch.manual_seed(0)
+    images, _, _ = next(iter(plain.train.batches()))
+    assert images.shape == (3, 3, 16, 16)  # one view: the loader's batch as before
+    paired = spec.build(DataRequest(root=str(tree), input_size=16, batch_size=3, workers=0, views=2))
+    torch.manual_seed(0)
+    images, targets, index = next(iter(paired.train.batches()))
+    assert images.shape == (3, 2, 3, 16, 16)
+    for first, second in zip(images[:, 0], images[:, 1]):
+        assert not torch.equal(first, second) and not torch.equal(first, second.flip(-1))  # not one crop, flipped
+
+    method = get_method("ccd")(get_method("ccd").Config(p=0.0))  # p = 0: the views differ by their crops alone
+    batch = method.prepare_batch(Batch(images, targets, index), paired.augment)  # the folder's augment: a flip
+    assert batch.images.shape == (6, 3, 16, 16) and batch.index.tolist() == index.repeat_interleave(2).tolist()
+    for b in range(3):
+        for view, crop in ((batch.images[2 * b], images[b, 0]), (batch.images[2 * b + 1], images[b, 1])):
+            assert torch.equal(view, crop) or torch.equal(view, crop.flip(-1))
+
+
+def test_ccd_trains_end_to_end_on_an_image_folder(tmp_path, capsys, monkeypatch):
+    """The loader's (B, 2, C, H, W) batches through a whole run, the teacher trained on one view."""
+    import json
+    import math
+
+    from kdzoo.cli import main
+
+    from .test_identity import _folder_args, _image_tree
+
+    ccd_module = __import__(get_method("ccd").__module__, fromlist=["paired_views"])
+    shapes = []
+
+    def recording(images, *args):
+        shapes.append(tuple(images.shape))
+        return J.paired_views(images, *args)
+
+    monkeypatch.setattr(ccd_module, "paired_views", recording)
+    tree = _image_tree(tmp_path / "tree")
+    args = _folder_args(tmp_path, tree, "--method", "ccd", "--teacher", "test_resnet", "--teacher-epochs", "1",
+                        "--run-name", "jda")
+    assert main(args) == 0
+    result = json.loads((tmp_path / "runs" / "jda" / "result.json").read_text())
+    assert result["complete"] and math.isfinite(result["final_train_loss"])
+    assert shapes == [(4, 2, 3, 16, 16)] * 2  # 8 images at batch 4: two steps of two crops per image

@@ -49,6 +49,10 @@ class DataRequest:
     batch_size: int = 64
     seed: int = 0
     workers: int = 2
+    # independently cropped copies of each training image (the method's ``loader_views``): a
+    # loader that crops in its workers (image folders) then yields (B, views, C, H, W); loaders
+    # that crop on the device (through ``DataBundle.augment``) ignore it
+    views: int = 1
 
 
 @dataclass

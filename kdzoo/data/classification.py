@@ -152,6 +152,23 @@ def _check_split(root: Path, split_names: tuple[str, ...]) -> Path:
     )
 
 
+class Views:
+    """A per-image transform applied ``n`` times over, stacked: ``(n, C, H, W)``. Each call of
+    ``transform`` draws its own randomness, so ``Views(RandomResizedCrop + ToTensor, 2)`` gives
+    two independent crops of one image (the views a method's ``loader_views`` asks for)."""
+
+    def __init__(self, transform, n: int):
+        if n < 1:
+            raise ValueError(f"Views needs at least 1 view, got {n}")
+        self.transform, self.n = transform, n
+
+    def __call__(self, image) -> torch.Tensor:
+        return torch.stack([self.transform(image) for _ in range(self.n)])
+
+    def __repr__(self) -> str:
+        return f"Views({self.transform!r}, n={self.n})"
+
+
 def _build_imagefolder(req: DataRequest) -> DataBundle:
     import torchvision
     from torchvision import transforms as T
@@ -161,7 +178,10 @@ def _build_imagefolder(req: DataRequest) -> DataBundle:
         raise UserError(f"{missing('data root', root, 'folder')}; expected DIR/train/<class>/ and DIR/val/<class>/")
     train_dir, test_dir = _check_split(root, ("train",)), _check_split(root, ("val", "test"))
     size = 224 if req.input_size is None else req.input_size
-    train = torchvision.datasets.ImageFolder(str(train_dir), T.Compose([T.RandomResizedCrop(size), T.ToTensor()]))
+    crop = T.Compose([T.RandomResizedCrop(size), T.ToTensor()])
+    # the crop happens here, in the workers: a method that needs separately cropped views
+    # (loader_views > 1) gets them from here, (B, views, C, H, W), and its augment flips only
+    train = torchvision.datasets.ImageFolder(str(train_dir), crop if req.views == 1 else Views(crop, req.views))
     test = torchvision.datasets.ImageFolder(
         str(test_dir), T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size), T.ToTensor()])
     )

@@ -359,9 +359,21 @@ class JDA:
 
 def paired_views(images: Tensor, targets: Tensor, augment: Callable[[Tensor], Tensor], jda: JDA) -> tuple[Tensor, Tensor]:
     """The JDA training batch: 2B images interleaved ``[orig₀, aug₀, orig₁, aug₁, …]`` and the
-    targets duplicated to match. ``orig = augment(x)``, ``aug = augment(jda(x))``, with crop and
-    flip drawn independently for the two views."""
-    original = augment(images)
-    augmented = augment(jda(images))
+    targets duplicated to match.
+
+    ``images`` is either a batch ``(B, C, H, W)`` of whole images, which ``augment`` crops and
+    flips (in-memory datasets): ``orig = augment(x)``, ``aug = augment(jda(x))``, the two calls
+    drawing their crops and flips independently; or ``(B, 2, C, H, W)``, two crops of each image
+    that the loader already drew separately (image folders, for a method with ``loader_views = 2``):
+    ``orig = augment(x[:, 0])``, ``aug = augment(jda(x[:, 1]))``, where ``augment`` flips.
+    """
+    if images.ndim == 5:
+        if images.shape[1] != 2:
+            raise ValueError(f"paired_views takes (B, 2, C, H, W) crops, one per view; got shape {tuple(images.shape)}")
+        first, second = images[:, 0], images[:, 1]
+    else:
+        first = second = images
+    original = augment(first)
+    augmented = augment(jda(second))
     views = torch.stack([original, augmented], dim=1).flatten(0, 1)
     return views, targets.repeat_interleave(2, dim=0)
