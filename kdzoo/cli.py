@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None,
                        help="intra-op threads of every cell, whatever --jobs (default: all cores); recorded in each run")
     bench.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
+    bench.add_argument("--teacher-cache", action="store_true",
+                       help="as teacher_cache = true in the suite's [defaults]: the cells whose method reads only "
+                            "teacher logits share one teacher-output cache (docs/teacher-cache.md)")
     bench.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE", help="load user methods")
 
     speed = sub.add_parser("speed", help="time a method's step against the student step and teacher forward it is made of")
@@ -460,7 +463,7 @@ def cmd_bench(args) -> int:
 
     for plugin in args.plugin:
         load_plugin(plugin)
-    suite = load_suite(args.suite, output=args.output)
+    suite = load_suite(args.suite, output=args.output, teacher_cache=args.teacher_cache)
     suite.plugins = [*args.plugin, *suite.plugins]
     with stop_on_signals(StopFlag()) as flag:
         return run_suite(suite, jobs=args.jobs, threads=args.threads, dry_run=args.dry_run, console=Console(stderr=True), stop=flag)

@@ -272,3 +272,26 @@ def test_the_cache_flag_is_part_of_the_run_id_only_when_on():
     assert off.run_key() != on.run_key()
     # runs recorded before the flag existed keep their ids: the default is left out of the identity
     assert "teacher_cache" not in _identity(off.to_dict(), ()) and _identity(on.to_dict(), ())["teacher_cache"] is True
+
+
+def test_a_suite_turns_the_cache_on_for_the_cells_it_can_serve(tmp_path):
+    from kdzoo.bench.suite import load_suite
+
+    suite_file = tmp_path / "s.toml"
+    suite_file.write_text('[defaults]\nmodel = "test_resnet"\n[[grid]]\nmethods = ["baseline", "kd", "ctkd", "fitnet", '
+                          '"ccd"]\nteachers = ["test_resnet"]\n')
+    plain = {c.method: c.teacher_cache for c in load_suite(suite_file).cells}
+    cached = {c.method: c.teacher_cache for c in load_suite(suite_file, teacher_cache=True).cells}
+    assert not any(plain.values())
+    assert cached == {"baseline": False, "kd": True, "ctkd": True, "fitnet": False, "ccd": False}
+
+
+def test_the_bench_line_costs_hits_at_the_teachers_measured_rate():
+    from kdzoo.bench.runner import cache_savings
+
+    assert cache_savings([{"teacher_cache": None}, {}]) is None
+    line = cache_savings([
+        {"teacher_cache": {"hits": 0, "misses": 1000, "teacher_seconds": 10.0}},   # 10 ms per image
+        {"teacher_cache": {"hits": 3000, "misses": 0, "teacher_seconds": 0.0}},
+    ])
+    assert "3,000 of 4,000 teacher outputs (75.0 %)" in line and "saved ≈ 30 s" in line and "filling it 10 s" in line

@@ -351,7 +351,8 @@ def _print_plan(cells: list[Cell], suite: Suite, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"suite {suite.name}: {len(cells)} cells → {suite.output} (dry run: nothing is trained)")
-    for column in ("#", "method", "teacher", "student", "dataset", "seed", "state", "run id"):
+    cached = any(c.cfg.teacher_cache for c in cells)
+    for column in ("#", "method", "teacher", "student", "dataset", "seed", *(["cache"] if cached else []), "state", "run id"):
         table.add_column(column, overflow="fold")
     for cell in cells:
         run_dir = cell.run_dir()
@@ -362,7 +363,9 @@ def _print_plan(cells: list[Cell], suite: Suite, console) -> None:
         else:
             state = "resume" if run_dir.last.is_file() else "to run"
         c = cell.cfg
-        table.add_row(str(cell.number), c.method, c.teacher or "-", c.model, c.dataset, str(c.seed), state, cell.run_id)
+        cache = (["yes" if c.teacher_cache else "-"] if cached else [])
+        table.add_row(str(cell.number), c.method, c.teacher or "-", c.model, c.dataset, str(c.seed), *cache, state,
+                      cell.run_id)
     console.print(table)
 
 
@@ -373,9 +376,32 @@ def _print_leaderboard(suite: Suite, cells: list[Cell]) -> None:
     if not entries:
         return
     board, errors = lb.build(entries), lb.failures(entries)
-    lb.print_table(board, errors, lb.wide_console(), f"suite {suite.name}")
+    console = lb.wide_console()
+    lb.print_table(board, errors, console, f"suite {suite.name}")
     stem = Path(suite.output) / f"leaderboard-{suite.name}"
     lb.export(board, errors, f"{stem}.csv", f"{stem}.md")
+    saved = cache_savings([c.result for c in cells if c.result])
+    if saved:
+        console.print(saved)
+
+
+def cache_savings(results: list[dict]) -> str | None:
+    """One line on what --teacher-cache saved over the suite's cells that used it, or None.
+
+    The time saved is each cell's hits times the teacher's time per image measured on its own
+    misses; a cell with no misses (a fully warm cache) is costed at the median of the others."""
+    stats = [r["teacher_cache"] for r in results if r.get("teacher_cache")]
+    if not stats:
+        return None
+    hits, misses = sum(s["hits"] for s in stats), sum(s["misses"] for s in stats)
+    rates = sorted(s["teacher_seconds"] / s["misses"] for s in stats if s["misses"])
+    per_image = rates[len(rates) // 2] if rates else None
+    spent = sum(s["teacher_seconds"] for s in stats)
+    line = (f"teacher cache: {len(stats)} cell(s) used it; {hits:,} of {hits + misses:,} teacher outputs "
+            f"({100 * hits / max(1, hits + misses):.1f} %) came from the cache")
+    if per_image is not None:
+        line += f"; teacher time saved ≈ {hits * per_image:,.0f} s, spent filling it {spent:,.0f} s"
+    return line
 
 
 if __name__ == "__main__":

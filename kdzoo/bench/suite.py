@@ -16,6 +16,7 @@ temperature = 4.0
 methods = ["baseline", "kd"]
 models = ["resnet18"]          # students
 teachers = ["resnet34"]        # ignored by methods that need no teacher (one cell, no teacher)
+teacher_cache = true           # optional: the cells whose method reads only teacher logits use it
 datasets = ["shapes"]
 seeds = [0, 1]
 lr = 0.01                      # any other run setting overrides [defaults] for this grid
@@ -70,8 +71,9 @@ def cell_id(cfg: RunConfig) -> str:
         return cfg.run_id()
 
 
-def load_suite(path: str | Path, output: str | None = None) -> Suite:
-    """Read and expand a suite file (every mistake in it is a one-line UserError)."""
+def load_suite(path: str | Path, output: str | None = None, teacher_cache: bool = False) -> Suite:
+    """Read and expand a suite file (every mistake in it is a one-line UserError); ``teacher_cache``
+    sets ``teacher_cache = true`` in its [defaults] (``kdzoo bench --teacher-cache``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{missing('suite file', path)}; pass a TOML suite such as benchmarks/quick.toml")
@@ -84,6 +86,8 @@ def load_suite(path: str | Path, output: str | None = None) -> Suite:
 
         for plugin in plugins:
             load_plugin(plugin)
+    if teacher_cache:
+        data = {**data, "defaults": {**_table(data.get("defaults", {}), "[defaults]", where), "teacher_cache": True}}
     cells = expand(data, where)
     out = output or _string(data.get("output", f"runs/bench/{name}"), "output", where)
     cells = [dataclasses.replace(c, output=out) for c in cells]
@@ -130,6 +134,8 @@ def expand(data: dict[str, Any], where: str = "suite") -> list[RunConfig]:
                 if not cls.needs_teacher:  # as the engine does: a teacherless method runs without one
                     cfg = dataclasses.replace(cfg, teacher_checkpoint=None, teacher_pretrained=False)
                 cfg = dataclasses.replace(cfg, method_settings=settings)
+                if cfg.teacher_cache and _cache_refusal(cls, settings, cfg, gwhere):
+                    cfg = dataclasses.replace(cfg, teacher_cache=False)  # the cache is for the cells it can serve
                 try:  # a value no run can use (lr = -1, max_steps = 0) fails the suite now, not each cell later
                     cfg.validate()
                 except UserError as e:
@@ -139,6 +145,14 @@ def expand(data: dict[str, Any], where: str = "suite") -> list[RunConfig]:
         if method not in used_methods:
             raise UserError(f"{where} has [set.{method}] but no grid runs {method!r}")
     return list(cells.values())
+
+
+def _cache_refusal(cls, settings: dict[str, Any], cfg: RunConfig, where: str) -> str | None:
+    """Why ``teacher_cache = true`` cannot serve this cell (its method reads features or builds
+    its own views, or the task is seg); such cells run without the cache rather than fail."""
+    if cfg.task != "cls":
+        return "task"
+    return cls(apply_overrides(cls.Config(), settings, f"{where}: method {cls.name!r}")).teacher_cache_refusal()
 
 
 # -- checks ----------------------------------------------------------------------------------
