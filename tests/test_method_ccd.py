@@ -341,15 +341,21 @@ def test_each_image_flips_its_own_coin():
     assert torch.equal(out[fired], torch.ones_like(out[fired])) and torch.equal(out[~fired], x[~fired])
 
 
-def test_paired_views_layout():
-    x = torch.rand(3, 3, 8, 8)
-    y = torch.tensor([4, 7, 1])
+def _recording_augment():
+    """An augmentation that changes nothing and keeps every batch it was called with."""
     calls = []
 
     def augment(images):
         calls.append(images)
         return images + 0.0
 
+    return augment, calls
+
+
+def test_paired_views_layout():
+    x = torch.rand(3, 3, 8, 8)
+    y = torch.tensor([4, 7, 1])
+    augment, calls = _recording_augment()
     views, targets = J.paired_views(x, y, augment, J.JDA([("invert", 0)], p=1.0))
     assert views.shape == (6, 3, 8, 8)
     assert torch.equal(views[0::2], x) and torch.allclose(views[1::2], 1 - x)  # even original, odd augmented
@@ -378,12 +384,7 @@ def test_prepare_batch_builds_the_pairs_with_independent_crops():
 def test_paired_views_takes_one_loader_crop_per_view():
     x = torch.rand(3, 2, 3, 8, 8)  # (B, views, C, H, W): two crops of each image, drawn by the loader
     y = torch.tensor([4, 7, 1])
-    calls = []
-
-    def augment(images):
-        calls.append(images)
-        return images + 0.0
-
+    augment, calls = _recording_augment()
     views, targets = J.paired_views(x, y, augment, J.JDA([("invert", 0)], p=1.0))
     assert views.shape == (6, 3, 8, 8) and targets.tolist() == [4, 4, 7, 7, 1, 1]
     assert torch.equal(views[0::2], x[:, 0]) and torch.allclose(views[1::2], 1 - x[:, 1])  # JDA on the second crop only
