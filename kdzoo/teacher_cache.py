@@ -163,13 +163,15 @@ class TeacherCache:
 
     # -- a training step ---------------------------------------------------------------------
     def lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """(stored logits as float32 — rows of misses are zeros —, hit mask) for ``keys``."""
+        """(stored logits as float32 — rows of misses are zeros —, hit mask) for ``keys``, on the
+        keys' device (the table may live elsewhere: see :func:`storage_device`)."""
         if not len(self.keys):
-            return (torch.zeros(len(keys), self.key.num_classes, device=self.device),
-                    torch.zeros(len(keys), dtype=torch.bool, device=self.device))
-        pos = torch.searchsorted(self.keys, keys).clamp_(max=len(self.keys) - 1)
-        hit = self.keys[pos] == keys
-        return self.values[pos].float() * hit[:, None], hit
+            return (torch.zeros(len(keys), self.key.num_classes, device=keys.device),
+                    torch.zeros(len(keys), dtype=torch.bool, device=keys.device))
+        query = keys.to(self.device)
+        pos = torch.searchsorted(self.keys, query).clamp_(max=len(self.keys) - 1)
+        hit = self.keys[pos] == query
+        return (self.values[pos].float() * hit[:, None]).to(keys.device), hit.to(keys.device)
 
     def teacher_logits(self, keys: Tensor, teacher: Any, images: Tensor) -> Tensor:
         """The batch's teacher logits at the storage precision, from the cache where present, from
@@ -183,11 +185,11 @@ class TeacherCache:
         start = time.perf_counter()
         with torch.no_grad():
             computed = teacher(images).to(STORAGE)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if images.device.type == "cuda":
+            torch.cuda.synchronize(images.device)
         self.teacher_seconds += time.perf_counter() - start
         missing = ~hit
-        self.pending.append((keys[missing], computed[missing]))
+        self.pending.append((keys[missing].to(self.device), computed[missing].to(self.device)))
         return torch.where(hit[:, None], stored, computed.float())
 
     def fill(self, keys: Tensor, logits: Tensor) -> None:
@@ -220,7 +222,8 @@ class TeacherCache:
         served = self.hits + self.misses
         per_image = self.teacher_seconds / self.misses if self.misses else None
         return {
-            "id": self.key.id(), "folder": str(self.folder) if self.folder else None, "entries": len(self.keys),
+            "id": self.key.id(), "folder": str(self.folder) if self.folder else None, "on": str(self.device),
+            "entries": len(self.keys),
             "hits": self.hits, "misses": self.misses, "hit_rate": self.hits / served if served else None,
             "teacher_seconds": round(self.teacher_seconds, 3),
             "teacher_seconds_saved": round(per_image * self.hits, 3) if per_image is not None else None,
@@ -297,4 +300,15 @@ def open_cache(root: str | Path | None, teacher_name: str, teacher: nn.Module, d
         precision="bf16-autocast" if amp and torch.device(device).type == "cuda" else "float32",
         num_classes=int(data.num_classes),
     )
-    return TeacherCache(root, key, device, writer=writer, name=name)
+    table = storage_device(device, len(train.targets) * key.choices, key.num_classes)
+    return TeacherCache(root, key, table, writer=writer, name=name)
+
+
+def storage_device(device: torch.device | str, rows_at_most: int, num_classes: int) -> torch.device:
+    """Where the table lives: the training device when every possible row (each image under each
+    choice) fits in half of its free memory, else the CPU (lookups then cross to the host)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if rows_at_most * (2 * num_classes + 8) <= free // 2 else torch.device("cpu")

@@ -295,3 +295,12 @@ def test_the_bench_line_costs_hits_at_the_teachers_measured_rate():
         {"teacher_cache": {"hits": 3000, "misses": 0, "teacher_seconds": 0.0}},
     ])
     assert "3,000 of 4,000 teacher outputs (75.0 %)" in line and "saved ≈ 30 s" in line and "filling it 10 s" in line
+
+
+def test_the_table_stays_on_the_gpu_only_when_every_row_fits_in_half_its_free_memory(monkeypatch):
+    from kdzoo.teacher_cache import storage_device
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 80_000))
+    assert storage_device("cuda:0", 178, 10) == torch.device("cuda:0")   # 178 rows × 28 bytes = 4,984 ≤ 5,000
+    assert storage_device("cuda:0", 179, 10) == torch.device("cpu")      # 5,012 bytes: the host keeps it
+    assert storage_device("cpu", 10**12, 1000) == torch.device("cpu")
