@@ -60,7 +60,7 @@ class RunConfig:
     teacher_pretrained: bool = False
     teacher_epochs: int | None = None
     # store the teacher's logits per (sample, crop/flip) and reuse them (kdzoo/teacher_cache.py);
-    # part of the result (float16 storage), so a cached run is a run of its own
+    # lossless (the teacher's own dtype), so like compile it changes how a run executes, not its result
     teacher_cache: bool = False
     workers: int = 2
     output: str = "runs"
@@ -149,7 +149,7 @@ class RunConfig:
         check_loggers(self.log)  # known names, their packages installed: a missing extra fails here, before any work
 
     # settings that do not change the result (where it runs, how it is named, how fast)
-    _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download", "compile", "log")
+    _NON_RESULT = ("device", "output", "run_name", "workers", "data_root", "download", "compile", "log", "teacher_cache")
 
     def run_key(self) -> str:
         """8 hex digits over every setting that changes the result, the seed included (not where
@@ -205,17 +205,10 @@ def refuse_computed(values: dict[str, Any], where: str) -> None:
             raise UserError(f"{where} sets {key}, which kdzoo computes from the data and the method's code; remove it")
 
 
-# settings added after runs were recorded, with the value that means "as before": left out of
-# the identity at that value, so earlier runs keep their ids and leaderboard rows
-_ADDED_LATER = {"teacher_cache": False}
-
-
 def _identity(run: dict[str, Any], leave_out) -> dict[str, Any]:
     """The run settings that identify a result. A computed field that is None (generated data,
-    a built-in method) or a later setting at its old behaviour is left out, so runs recorded
-    before it existed keep their ids."""
-    return {k: v for k, v in run.items() if k not in leave_out and not (k in COMPUTED and v is None)
-            and not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+    a built-in method) is left out, so runs recorded before it existed keep their ids."""
+    return {k: v for k, v in run.items() if k not in leave_out and not (k in COMPUTED and v is None)}
 
 
 # Settings that change no result, and the seed: left out of the recipe hash, so seeds group.

@@ -290,7 +290,7 @@ class Trainer:
         self.progress = TrainingProgress(console)  # the rich bar on a terminal, plain lines in a log
         self.loggers = Loggers()  # --log: opened by fit, on rank 0 only
         # --teacher-cache: every rank reads the whole cache and writes its own new rows
-        self.teacher_cache = (open_cache(cfg.output, self._teacher_name(), self.teacher, ctx.data, device, cfg.amp,
+        self.teacher_cache = (open_cache(cfg.output, self._teacher_name(), self.teacher, ctx.data, self.inputs,
                                          name=f"{ctx.run_dir.path.name}-r{distributed.rank()}")
                               if cfg.teacher_cache and self.teacher is not None else None)
 

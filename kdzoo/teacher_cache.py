@@ -13,12 +13,16 @@ precision it runs at — goes into the cache's identity (:class:`CacheKey`), a f
 under ``<output>/teacher-cache/``. A folder whose recorded identity differs, or a part file
 that names another cache, is refused, never read.
 
-Storage: float16 (``STORAGE``). Under bf16 autocast (``amp`` on CUDA) the teacher's logits are
-bfloat16, which float16 holds exactly in its normal range (|x| from 6.1e-5 to 65504), so there
-the cache changes nothing; in float32 it rounds each logit to 11 significant bits (relative error
-≤ 4.9e-4). A run with the cache always uses the stored (rounded) value, whether it computed it in
-this step or read it, so its result does not depend on how full the cache was: ``teacher_cache``
-is part of the run's identity, and a cold and a warm cached run give the same losses.
+Storage is lossless: each logit is kept in the dtype the teacher outputs (bfloat16 under
+``amp`` on CUDA, 2 bytes; float32 otherwise), found by one probe forward when the cache opens and
+recorded in its identity. A hit therefore returns the very bits the teacher computed for that
+image in the batch that filled it. An eval-mode network's output for an image does not depend on
+the other images, but a different batch size may take a different kernel path: hits filled at the
+run's batch size are bit for bit what the teacher would compute again; hits filled at another
+(another world size) agree to float32's last bits. So the cache changes no result: like
+``--compile`` it is recorded in ``config.json`` but is not part of the run id or recipe hash.
+(A measured alternative, float16 storage of float32 logits, moved 1-epoch top-1 on ``shapes`` by
+up to ±1.2 points; benchmarks/RESULTS.md.)
 
 Filling: a batch with any key missing runs the teacher on the whole batch (fixed shapes for
 cuDNN and ``torch.compile``) and stores the missing rows; a batch whose keys are all present
@@ -46,7 +50,6 @@ from .data.loaders import InMemoryLoader
 from .errors import UserError
 
 FORMAT = 1
-STORAGE = torch.float16
 FOLDER = "teacher-cache"
 
 
@@ -85,7 +88,7 @@ class CacheKey:
     choices: int            # how many augmentation choices each sample has
     precision: str          # "bf16-autocast" or "float32": what the teacher computes in
     num_classes: int
-    storage: str = str(STORAGE).removeprefix("torch.")
+    storage: str            # the dtype the teacher's logits come out in, and are kept in: "bfloat16", "float32"
     format: int = FORMAT
 
     def record(self) -> dict[str, Any]:
@@ -109,7 +112,8 @@ class TeacherCache:
         self.folder = Path(root) / FOLDER / key.id() if root is not None else None
         self.writer = writer and self.folder is not None
         self.keys = torch.empty(0, dtype=torch.long, device=self.device)
-        self.values = torch.empty(0, key.num_classes, dtype=STORAGE, device=self.device)
+        self.dtype = getattr(torch, key.storage)
+        self.values = torch.empty(0, key.num_classes, dtype=self.dtype, device=self.device)
         self.pending: list[tuple[Tensor, Tensor]] = []
         self.hits = self.misses = 0            # images served from the cache / computed by the teacher
         self.teacher_seconds = 0.0             # time the teacher forwards of this run took (misses)
@@ -146,7 +150,7 @@ class TeacherCache:
             raise UserError(f"{where} does not belong to this cache ({self.key.id()}); remove that file and run again")
         keys, values = data.get("keys"), data.get("logits")
         ok = (isinstance(keys, Tensor) and isinstance(values, Tensor) and keys.dtype == torch.long
-              and values.dtype == STORAGE and keys.dim() == 1 and values.shape == (len(keys), self.key.num_classes))
+              and values.dtype == self.dtype and keys.dim() == 1 and values.shape == (len(keys), self.key.num_classes))
         if not ok:
             raise UserError(f"{where} is not a kdzoo teacher cache part of this shape; remove that file and run again")
         self._merge(keys.to(self.device), values.to(self.device))
@@ -163,19 +167,20 @@ class TeacherCache:
 
     # -- a training step ---------------------------------------------------------------------
     def lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """(stored logits as float32 — rows of misses are zeros —, hit mask) for ``keys``, on the
-        keys' device (the table may live elsewhere: see :func:`storage_device`)."""
+        """(stored logits — rows of misses are zeros —, hit mask) for ``keys``, on the keys' device
+        (the table may live elsewhere: see :func:`storage_device`)."""
         if not len(self.keys):
-            return (torch.zeros(len(keys), self.key.num_classes, device=keys.device),
+            return (torch.zeros(len(keys), self.key.num_classes, dtype=self.dtype, device=keys.device),
                     torch.zeros(len(keys), dtype=torch.bool, device=keys.device))
         query = keys.to(self.device)
         pos = torch.searchsorted(self.keys, query).clamp_(max=len(self.keys) - 1)
         hit = self.keys[pos] == query
-        return (self.values[pos].float() * hit[:, None]).to(keys.device), hit.to(keys.device)
+        stored = torch.where(hit[:, None], self.values[pos], torch.zeros((), dtype=self.dtype, device=self.device))
+        return stored.to(keys.device), hit.to(keys.device)
 
     def teacher_logits(self, keys: Tensor, teacher: Any, images: Tensor) -> Tensor:
-        """The batch's teacher logits at the storage precision, from the cache where present, from
-        ``teacher(images)`` (and stored) where not. Reads one hit count from the device per step."""
+        """The batch's teacher logits, from the cache where present, from ``teacher(images)`` (and
+        stored) where not. Reads one hit count from the device per step."""
         stored, hit = self.lookup(keys)
         n_hit = int(hit.sum())
         self.hits += n_hit
@@ -184,17 +189,19 @@ class TeacherCache:
         self.misses += len(keys) - n_hit
         start = time.perf_counter()
         with torch.no_grad():
-            computed = teacher(images).to(STORAGE)
+            computed = teacher(images)
+        if computed.dtype != self.dtype:
+            raise RuntimeError(f"the teacher's logits came out as {computed.dtype}, the cache keeps {self.dtype}")
         if images.device.type == "cuda":
             torch.cuda.synchronize(images.device)
         self.teacher_seconds += time.perf_counter() - start
         missing = ~hit
         self.pending.append((keys[missing].to(self.device), computed[missing].to(self.device)))
-        return torch.where(hit[:, None], stored, computed.float())
+        return torch.where(hit[:, None], stored, computed)
 
     def fill(self, keys: Tensor, logits: Tensor) -> None:
         """Store precomputed rows at once (:func:`fill_every_choice`); they are written by the next flush."""
-        keys, logits = keys.to(self.device), logits.to(self.device, STORAGE)
+        keys, logits = keys.to(self.device), logits.to(self.device, self.dtype)
         self.pending.append((keys, logits))
         self._merge(keys, logits)
 
@@ -284,7 +291,7 @@ class RecordedAugment:
         return index * self.augment.choices + self.choices[0]
 
 
-def open_cache(root: str | Path | None, teacher_name: str, teacher: nn.Module, data, device: torch.device, amp: bool,
+def open_cache(root: str | Path | None, teacher_name: str, teacher: nn.Module, data, inputs,
                writer: bool = True, name: str = "run") -> TeacherCache:
     """The cache for this teacher and training set under ``root``, made or read (UserError when
     the dataset's augmentation cannot be replayed, or the folder holds another cache)."""
@@ -297,18 +304,28 @@ def open_cache(root: str | Path | None, teacher_name: str, teacher: nn.Module, d
         teacher=teacher_name, teacher_weights=weights_hash(teacher), data=images_hash(train.images, train.targets),
         input_size=int(data.input_size), mean=tuple(float(m) for m in data.mean), std=tuple(float(s) for s in data.std),
         augmentation=repr(augment), choices=int(augment.choices),
-        precision="bf16-autocast" if amp and torch.device(device).type == "cuda" else "float32",
-        num_classes=int(data.num_classes),
+        precision="bf16-autocast" if inputs.amp and inputs.device.type == "cuda" else "float32",
+        num_classes=int(data.num_classes), storage=_output_dtype(teacher, train, inputs),
     )
-    table = storage_device(device, len(train.targets) * key.choices, key.num_classes)
+    row_bytes = key.num_classes * getattr(torch, key.storage).itemsize + 8
+    table = storage_device(inputs.device, len(train.targets) * key.choices * row_bytes)
     return TeacherCache(root, key, table, writer=writer, name=name)
 
 
-def storage_device(device: torch.device | str, rows_at_most: int, num_classes: int) -> torch.device:
+def _output_dtype(teacher: nn.Module, train: InMemoryLoader, inputs) -> str:
+    """The dtype of the teacher's logits under the run's autocast: one forward of one image."""
+    from .data.loaders import to_float
+
+    with torch.no_grad(), inputs.autocast():
+        return str(teacher(inputs(to_float(train.images[:1].to(inputs.device)))).dtype).removeprefix("torch.")
+
+
+def storage_device(device: torch.device | str, bytes_at_most: int) -> torch.device:
     """Where the table lives: the training device when every possible row (each image under each
-    choice) fits in half of its free memory, else the CPU (lookups then cross to the host)."""
+    choice: ``bytes_at_most``) fits in half of its free memory, else the CPU (lookups then cross
+    to the host)."""
     device = torch.device(device)
     if device.type != "cuda":
         return device
     free, _ = torch.cuda.mem_get_info(device)
-    return device if rows_at_most * (2 * num_classes + 8) <= free // 2 else torch.device("cpu")
+    return device if bytes_at_most <= free // 2 else torch.device("cpu")

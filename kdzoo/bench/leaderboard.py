@@ -56,7 +56,7 @@ FORMATS = {"top1_mean": ".2f", "top1_std": ".2f", "top5_mean": ".2f", "gain_vs_b
            "ms_per_step": ".1f", "train_img_per_s": ".0f", "peak_mem_mb": ".0f"}
 
 # What, beyond the method, may differ between a row and the baseline it is compared with.
-_METHOD_ONLY = ("method", "teacher", "teacher_checkpoint", "teacher_pretrained", "teacher_epochs", "teacher_cache")
+_METHOD_ONLY = ("method", "teacher", "teacher_checkpoint", "teacher_pretrained", "teacher_epochs")
 
 
 def training_hash(run: dict[str, Any], versions: dict[str, Any]) -> str:

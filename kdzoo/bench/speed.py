@@ -231,8 +231,7 @@ class SpeedBench:
                                 drop_last=True)
         t = copy.deepcopy(teacher)
         prepare_networks(None, t, None, cfg.channels_last, self.device)
-        cache = open_cache(None, cfg.teacher, t, self.data, self.device,
-                           cfg.amp, writer=False)
+        cache = open_cache(None, cfg.teacher, t, self.data, self.inputs, writer=False)
         fill_every_choice(cache, t, train.images[:n], torch.arange(n, device=self.device), self.data.augment,
                           self.inputs, cfg.batch_size)
         self.networks["cached_step"] = s = copy.deepcopy(student)
