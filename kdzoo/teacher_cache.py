@@ -99,10 +99,12 @@ class CacheKey:
 
 
 class TeacherCache:
-    """One cache's entries on the training device: sorted int64 keys and their logits.
+    """One cache's entries: sorted int64 keys and their logits, on the training device (or the
+    host, when they would not fit: :func:`storage_device`).
 
-    ``lookup`` finds a batch's keys with one ``searchsorted``; ``add`` keeps new rows until
-    ``flush`` writes them as a part file and merges them into the sorted table.
+    ``lookup`` finds a batch's keys with one ``searchsorted``; rows the teacher computes for
+    missing keys wait in ``pending`` until ``flush`` writes them as a part file and merges them
+    into the sorted table.
     """
 
     def __init__(self, root: str | Path | None, key: CacheKey, device: torch.device, writer: bool = True,
