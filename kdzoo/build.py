@@ -61,12 +61,16 @@ def validate(cfg: RunConfig) -> Method:
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
     method = method_cls(method_config)
     if cfg.teacher_cache:
-        refusal = method.teacher_cache_refusal() or (
-            "runs --task seg (the cache holds class logits)" if cfg.task != "cls" else None)
+        refusal = cache_refusal(method, cfg.task)
         if refusal:
             raise UserError(f"--teacher-cache: method {cfg.method!r} {refusal}; run it without --teacher-cache "
                             "(the cache serves methods that read only the teacher's logits, e.g. kd, dkd, dist)")
     return method
+
+
+def cache_refusal(method: Method, task: str) -> str | None:
+    """Why ``--teacher-cache`` cannot serve this method on this task (None: it can)."""
+    return method.teacher_cache_refusal() or ("runs --task seg (the cache holds class logits)" if task != "cls" else None)
 
 
 def identify(cfg: RunConfig) -> RunConfig:

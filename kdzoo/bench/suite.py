@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..build import identify
+from ..build import cache_refusal, identify
 from ..config import RunConfig, refuse_computed
 from ..errors import UserError, close_matches, missing
 from ..registry import get_method, load_plugin
@@ -150,9 +150,7 @@ def expand(data: dict[str, Any], where: str = "suite") -> list[RunConfig]:
 def _cache_refusal(cls, settings: dict[str, Any], cfg: RunConfig, where: str) -> str | None:
     """Why ``teacher_cache = true`` cannot serve this cell (its method reads features or builds
     its own views, or the task is seg); such cells run without the cache rather than fail."""
-    if cfg.task != "cls":
-        return "task"
-    return cls(apply_overrides(cls.Config(), settings, f"{where}: method {cls.name!r}")).teacher_cache_refusal()
+    return cache_refusal(cls(apply_overrides(cls.Config(), settings, f"{where}: method {cls.name!r}")), cfg.task)
 
 
 # -- checks ----------------------------------------------------------------------------------
