@@ -292,11 +292,16 @@ def cmd_run(args) -> int:
     else:
         console = Console(stderr=True)
     main_process = distributed.is_main()
+    together = False  # every rank reached the same end: the run completed, or all agreed to stop
     try:
         with stop_on_signals(StopFlag()) as flag:
             result = run(cfg, resume=resume, console=console, stop=flag, search_stopped=resume)
+        together = True
+    except Interrupted:
+        together = True
+        raise
     finally:
-        distributed.shutdown()
+        distributed.shutdown(together)
     if not main_process:
         return 0
     out = Console()

@@ -79,8 +79,14 @@ def init_from_env(device_type: str) -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Leave the process group. When every rank reached the same end (the run completed, or all
+    agreed to stop), they first meet at a barrier, so none tears gloo's connections down while a
+    peer still uses them: a rank that left early sometimes made a process abort (exit -6) after a
+    complete run. After a failure on one rank there is no barrier: its peers may never arrive."""
     if active():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
